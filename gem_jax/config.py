@@ -10,6 +10,18 @@ Activation = Literal["quick_gelu", "gelu"]
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
+def _check_positive(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n)
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{type(cfg).__name__}.{n} must be a positive int, got {v!r}")
+
+
+def _check_activation(a):
+    if a not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {a!r}; expected one of {ACTIVATIONS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """The ViT image tower.
@@ -87,8 +99,8 @@ class TextConfig:
 class CLIPConfig:
     """Both towers and the joint embedding size."""
 
-    vision: VisionConfig = VisionConfig()
-    text: TextConfig = TextConfig()
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
     embed_dim: int = 512
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,18 +126,6 @@ class CLIPConfig:
             text=dataclasses.replace(self.text, activation=activation),
             embed_dim=self.embed_dim,
         )
-
-
-def _check_positive(cfg, *names):
-    for n in names:
-        v = getattr(cfg, n)
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{type(cfg).__name__}.{n} must be a positive int, got {v!r}")
-
-
-def _check_activation(a):
-    if a not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {a!r}; expected one of {ACTIVATIONS}")
 
 
 def _arch(image, patch, width, layers, text_width, embed, vision_heads=None, text_heads=None):
