@@ -1,0 +1,173 @@
+"""The GEM self-self attention path beside CLIP's last ViT blocks, and the method switch."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gem_jax.models.layers import l2_normalize, merge_heads
+from gem_jax.models.vision import VisionTransformer
+
+PROJECTIONS = ("q", "k", "v")
+METHODS = ("gem", "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class GEMOptions:
+    """How the self-self attention path runs (defaults are the paper's and the reference's).
+
+    Attributes:
+      layers: number of last ViT blocks with the parallel path (the reference's
+        ``gem_depth`` is ``layers + 1``).
+      iterations: self-self attention repetitions before the final assignment to v (K).
+      temperature: ``None`` for the adaptive temperature; a float is the paper's tau
+        (the reference's ``ss_attn_temp`` is ``1 / tau``).
+      projections: which of q, k, v feed the ensemble (paper Table 1).
+      normalize: L2 normalisation and adaptive temperature (Table 1's "norm + temp");
+        without it the attention uses the usual ``1 / sqrt(head_dim)`` scale unless a
+        temperature is given.
+      mlp: also apply each block's MLP on the GEM path (Table 6's "with MLP" variant).
+    """
+
+    layers: int = 6
+    iterations: int = 1
+    temperature: float | None = None
+    projections: tuple[str, ...] = PROJECTIONS
+    normalize: bool = True
+    mlp: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"layers must be a positive int, got {self.layers!r}")
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
+        if self.temperature is not None and not (float(self.temperature) > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        projections = tuple(self.projections)
+        if not projections or any(p not in PROJECTIONS for p in projections) or len(set(projections)) != len(projections):
+            raise ValueError(f"projections must be a non-empty subset of {PROJECTIONS}, got {self.projections!r}")
+        # Canonical order, so equal options hash equal (they key jit caches).
+        object.__setattr__(self, "projections", tuple(p for p in PROJECTIONS if p in projections))
+
+
+def adaptive_inverse_temperature(y, head_dim: int):
+    """GEM's adaptive 1/tau: mean token L2 norm of the block input ``y`` (B, N, C),
+    over ``sqrt(head_dim)``; shape (B, 1, 1, 1) to broadcast over heads and tokens."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(y.astype(jnp.float32)), axis=-1))
+    return (jnp.mean(norms, axis=-1) * head_dim ** -0.5)[:, None, None, None]
+
+
+def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = True):
+    """Paper eqs. 5-7: iterate ``p <- softmax(p p^T / tau) p`` (on L2-normalised p),
+    then assign the values: ``softmax(p p^T / tau) v``.
+
+    Args:
+      p: projections (..., N, d), the tokens that attend to themselves.
+      v: values (..., N, d).
+      inv_temp: 1/tau, broadcastable to (..., N, N).
+      iterations: K, repetitions before the assignment.
+      normalize: L2-normalise p before each product.
+    Returns:
+      (..., N, d) in v's dtype.
+    """
+    def attention(x):
+        x = l2_normalize(x) if normalize else x.astype(jnp.float32)
+        logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
+        return jax.nn.softmax(logits, axis=-1), x
+
+    def step(_, x):
+        a, x = attention(x)
+        return jnp.einsum("...nm,...md->...nd", a, x)
+
+    p = jax.lax.fori_loop(0, iterations, step, p.astype(jnp.float32))
+    a, _ = attention(p)
+    return jnp.einsum("...nm,...md->...nd", a.astype(v.dtype), v)
+
+
+def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, want_clip: bool):
+    """Runs the tower once; returns ``(gem_tokens | None, clip_tokens | None)`` before the head."""
+    x = vit.embed(pixels)
+    blocks = vit.resblocks
+    if opts is None:
+        for blk in blocks:
+            x = blk(x)
+        return None, x
+    if opts.layers > len(blocks):
+        raise ValueError(f"GEM layers={opts.layers} exceeds the model's {len(blocks)} blocks")
+    start = len(blocks) - opts.layers
+    for blk in blocks[:start]:
+        x = blk(x)
+    g = x
+    for i, blk in enumerate(blocks[start:], start):
+        y = blk.ln_1(x).astype(vit.dtype)
+        q, k, v = blk.attn.qkv(y)
+        # With only GEM tokens wanted, the last block's original attention and MLP
+        # feed nothing: skip them.
+        if want_clip or i < len(blocks) - 1:
+            x = x + blk.attn.out(blk.attn.attend(q, k, v)).astype(x.dtype)
+            x = blk.residual_mlp(x)
+        if opts.temperature is not None:
+            inv_temp = 1.0 / float(opts.temperature)
+        elif opts.normalize:
+            inv_temp = adaptive_inverse_temperature(y, blk.attn.head_dim)
+        else:
+            inv_temp = blk.attn.head_dim ** -0.5
+        chosen = {"q": q, "k": k, "v": v}
+        stacked = jnp.stack([chosen[name] for name in opts.projections])  # (n_proj, B, H, N, d)
+        ss = self_self_attention(stacked, v, inv_temp, opts.iterations, opts.normalize)
+        out = blk.attn.out(merge_heads(jnp.mean(ss, axis=0)))
+        g = g + out.astype(g.dtype)
+        if opts.mlp:
+            g = blk.residual_mlp(g)
+    return g, (x if want_clip else None)
+
+
+def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | None = GEMOptions(),
+                  want_clip: bool = True):
+    """One forward pass of the image tower with the GEM path beside its last blocks.
+
+    Args:
+      vit: the tower module (unbound).
+      params: its parameters (``params["visual"]`` of a CLIP tree).
+      pixels: (B, H, W, 3) normalised pixels, H and W multiples of the patch size.
+      opts: GEM options, or ``None`` for plain CLIP only.
+      want_clip: also return the plain CLIP tokens.
+    Returns:
+      ``{"gem": (B, 1 + h*w, D) | None, "clip": (B, 1 + h*w, D) | None}``, all tokens
+      after ``ln_post @ proj`` (class token first).
+    """
+    def run(module, pixels):
+        g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None)
+        return {"gem": None if g is None else module.head(g), "clip": None if x is None else module.head(x)}
+
+    return nn.apply(run, vit)({"params": params}, pixels)
+
+
+def patch_logits(tokens, text, grid: tuple[int, int]):
+    """Cosine similarity of patch tokens and text embeddings.
+
+    Args:
+      tokens: (B, 1 + h*w, D) image tokens (class token first), not normalised.
+      text: (B, P, D) or (P, D) text embeddings, not normalised.
+      grid: (h, w).
+    Returns:
+      (B, P, h, w) float32 cosine similarities.
+    """
+    patches = l2_normalize(tokens[:, 1:])
+    text = l2_normalize(text)
+    eq = "bnd,pd->bpn" if text.ndim == 2 else "bnd,bpd->bpn"
+    sims = jnp.einsum(eq, patches, text)
+    return sims.reshape(*sims.shape[:2], *grid)
+
+
+def min_max(maps, axes: Sequence[int] = (-2, -1)):
+    """Per-map min-max scaling to [0, 1] over the spatial ``axes``."""
+    lo = jnp.min(maps, axis=tuple(axes), keepdims=True)
+    hi = jnp.max(maps, axis=tuple(axes), keepdims=True)
+    span = hi - lo
+    # A constant map has no extent to scale: report zeros rather than NaN.
+    return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
