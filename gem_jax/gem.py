@@ -74,18 +74,28 @@ def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = T
     Returns:
       (..., N, d) in v's dtype.
     """
-    def attention(x):
-        x = l2_normalize(x) if normalize else x.astype(jnp.float32)
-        logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
-        return jax.nn.softmax(logits, axis=-1), x
+    def attend(x, values):
+        if normalize:
+            x = l2_normalize(x)
+            # Cosines are at most 1 (the diagonal), so exp((cos - 1) / tau) is the
+            # softmax numerator already shifted by its row maximum: no max pass needed.
+            e = jnp.exp((jnp.einsum("...nd,...md->...nm", x, x) - 1.0) * inv_temp)
+        else:
+            x = x.astype(jnp.float32)
+            logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
+            e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        values = x if values is None else values
+        # Normalising the (N, d) product instead of the (N, N) weights: same result, less work.
+        out = jnp.einsum("...nm,...md->...nd", e.astype(values.dtype), values)
+        return out / jnp.sum(e, axis=-1, keepdims=True).astype(out.dtype)
 
-    def step(_, x):
-        a, x = attention(x)
-        return jnp.einsum("...nm,...md->...nd", a, x)
-
-    p = jax.lax.fori_loop(0, iterations, step, p.astype(jnp.float32))
-    a, _ = attention(p)
-    return jnp.einsum("...nm,...md->...nd", a.astype(v.dtype), v)
+    p = p.astype(jnp.float32)
+    if iterations <= 4:  # unrolled: lets XLA fuse across steps
+        for _ in range(iterations):
+            p = attend(p, None)
+    else:
+        p = jax.lax.fori_loop(0, iterations, lambda _, x: attend(x, None), p)
+    return attend(p, v).astype(v.dtype)
 
 
 def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, want_clip: bool):
@@ -117,9 +127,10 @@ def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, wa
         else:
             inv_temp = blk.attn.head_dim ** -0.5
         chosen = {"q": q, "k": k, "v": v}
-        stacked = jnp.stack([chosen[name] for name in opts.projections])  # (n_proj, B, H, N, d)
-        ss = self_self_attention(stacked, v, inv_temp, opts.iterations, opts.normalize)
-        out = blk.attn.out(merge_heads(jnp.mean(ss, axis=0)))
+        # One call per projection: XLA's CPU dot is much slower on a stacked 5-D batch.
+        ss = [self_self_attention(chosen[name], v, inv_temp, opts.iterations, opts.normalize)
+              for name in opts.projections]
+        out = blk.attn.out(merge_heads(sum(ss) / len(ss)))
         g = g + out.astype(g.dtype)
         if opts.mlp:
             g = blk.residual_mlp(g)
