@@ -18,6 +18,7 @@ _LAZY = {
     "HeatmapOutput": "gem_jax.pipeline",
     "Model": "gem_jax.pipeline",
     "load": "gem_jax.pipeline",
+    "example_image_path": "gem_jax.pipeline",
     "available_models": "gem_jax.checkpoints",
 }
 

@@ -1,0 +1,307 @@
+"""Finds a model by name, path or hub id: downloads once, converts once, then loads locally."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import warnings
+
+from gem_jax.config import architecture
+from gem_jax.checkpoints.layouts import CheckpointError, config_diff
+from gem_jax.checkpoints.native import _check_target, is_native, save_native
+from gem_jax.checkpoints.readers import _WEIGHT_SUFFIXES, Checkpoint, _read_dir, _with_activation, read_checkpoint
+from gem_jax.checkpoints.registry import (
+    HUB_TOKENIZER_FILES,
+    MODELS,
+    ModelEntry,
+    UnknownModelError,
+    _canonical,
+    get_entry,
+    suggestion,
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The weights are neither converted locally nor downloadable now; says what to fetch and where."""
+
+
+def weights_dir() -> pathlib.Path:
+    """Where converted checkpoints live.
+
+    ``$GEM_JAX_WEIGHTS`` if set; else the ``weights/`` directory of a source checkout
+    (next to the package); else ``~/.cache/gem_jax/weights``.
+    """
+    env = os.environ.get("GEM_JAX_WEIGHTS")
+    if env:
+        return pathlib.Path(env).expanduser()
+    import gem_jax
+
+    checkout = pathlib.Path(gem_jax.__file__).resolve().parents[1] / "weights"
+    if checkout.is_dir():
+        return checkout
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return pathlib.Path(cache).expanduser() / "gem_jax" / "weights"
+
+
+def local_dir(name: str) -> pathlib.Path:
+    """The directory a registry model is converted into (``weights_dir()/"ViT-B-16.openai"``)."""
+    return weights_dir() / get_entry(name).local_name
+
+
+def is_converted(name: str) -> bool:
+    """Whether a registry model has a native copy in :func:`weights_dir`."""
+    return is_native(local_dir(name))
+
+
+def resolve(name_or_path, *, offline: bool | None = None, activation: str | None = None) -> Checkpoint:
+    """The :class:`Checkpoint` of a local path, registry name or Hugging Face repo id.
+
+    - an existing directory or file: read as is (:func:`read_checkpoint`);
+    - a registry name ("ViT-B/16:openai"): the copy in ``weights_dir()`` if present,
+      else its files are downloaded from the hub and converted there once, so later
+      loads need neither torch nor the network;
+    - ``org/repo``: its config, weights and tokenizer files are downloaded and read.
+
+    ``offline`` (default: ``$HF_HUB_OFFLINE``) only uses the Hugging Face cache. What
+    cannot be had raises :class:`ModelNotAvailableError` saying what to download and
+    where to put it. ``activation`` overrides the checkpoint's activation.
+    """
+    src = os.fspath(name_or_path)
+    path = pathlib.Path(src).expanduser()
+    if path.exists():
+        return read_checkpoint(path, activation)
+    offline = _offline(offline)
+    entry = _registry_entry(src)
+    if entry is not None:
+        return _resolve_entry(entry, offline, activation)
+    return _resolve_other(src, offline, activation)
+
+
+def convert(source, out, *, force: bool = False, activation: str | None = None,
+            offline: bool | None = None) -> pathlib.Path:
+    """Reads ``source`` (path, registry name or hub id, any layout) and writes it to ``out``
+    in the native format; returns ``out``.
+
+    Refuses an existing non-empty ``out`` without ``force`` (:class:`FileExistsError`);
+    a failed conversion leaves nothing behind.
+    """
+    out = pathlib.Path(out).expanduser()
+    _check_target(out.absolute(), force)  # fail before any download
+    src = os.fspath(source)
+    offline = _offline(offline)
+    entry = None if pathlib.Path(src).expanduser().exists() else _registry_entry(src)
+    if entry is not None:
+        local = weights_dir() / entry.local_name
+        if local.is_dir() and any(local.iterdir()):
+            ckpt = _read_local(entry, local, activation)
+        else:
+            ckpt = _download_entry(entry, offline, activation or entry.activation)
+    elif pathlib.Path(src).expanduser().exists():
+        ckpt = read_checkpoint(src, activation)
+    else:
+        ckpt = _resolve_other(src, offline, activation)
+    meta = {"source": src, "source_layout": ckpt.layout}
+    if entry is not None:
+        meta.update(name=entry.name, hub_repo=entry.hub_repo)
+    return save_native(out, ckpt.config, ckpt.params, ckpt.tokenizer_dir, force=force, metadata=meta)
+
+
+def _offline(offline: bool | None) -> bool:
+    if offline is not None:
+        return bool(offline)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
+
+
+def _registry_entry(src: str) -> ModelEntry | None:
+    hit = _canonical(src)
+    return MODELS[hit] if hit is not None else None
+
+
+def _resolve_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
+    local = weights_dir() / entry.local_name
+    if local.is_dir() and any(local.iterdir()):
+        return _read_local(entry, local, activation)
+    ckpt = _download_entry(entry, offline, entry.activation)
+    meta = {"source": f"hf://{entry.hub_repo}", "source_layout": ckpt.layout, "name": entry.name,
+            "hub_repo": entry.hub_repo}
+    try:
+        save_native(local, ckpt.config, ckpt.params, ckpt.tokenizer_dir, metadata=meta)
+    except FileExistsError:
+        pass  # another process converted it meanwhile
+    except OSError as e:
+        warnings.warn(f"could not save the converted {entry.name} into {local} ({e}); it will be downloaded "
+                      "and converted again next time (set GEM_JAX_WEIGHTS to a writable directory)", stacklevel=3)
+        return _with_activation(ckpt, activation)
+    return _read_local(entry, local, activation)
+
+
+def _read_local(entry: ModelEntry, local: pathlib.Path, activation) -> Checkpoint:
+    # converted copies and files the user downloaded into ``local`` alike
+    ckpt = read_checkpoint(local, activation or entry.activation)
+    _check_architecture(entry, ckpt, ignore_activation=activation is not None)
+    return ckpt
+
+
+def _check_architecture(entry: ModelEntry, ckpt: Checkpoint, ignore_activation: bool = False) -> None:
+    ignore = ("activation",) if ignore_activation else ()
+    diff = config_diff(architecture(entry.architecture), ckpt.config, ignore=ignore)
+    if diff:
+        raise CheckpointError(f"{ckpt.source} does not hold {entry.name} ({entry.architecture}): "
+                              + "; ".join(diff) + " (registry != checkpoint)")
+
+
+def _download_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
+    """Fetches an entry's files into the Hugging Face cache and reads them."""
+    if entry.hub_repo is None:
+        raise _release_only(entry)
+    repo = entry.hub_repo
+    try:
+        files = {}
+        if entry.config_filename:
+            cfg = _fetch(repo, entry.config_filename, offline)
+            if cfg is None and entry.layout == "transformers":
+                raise _Unavailable(f"the repository has no {entry.config_filename}")
+            if cfg is not None:
+                files[entry.config_filename] = cfg
+        weights = _fetch_first(repo, [entry.filename, entry.fallback_filename], offline)
+        files[weights.name] = weights
+        for name in HUB_TOKENIZER_FILES:
+            _fetch_optional(repo, name, offline, files)
+    except _Unavailable as e:
+        raise _entry_unavailable(entry, str(e), offline) from None
+    ckpt = _read_fetched(files, activation, f"hf://{repo}")
+    _check_architecture(entry, ckpt)
+    return ckpt
+
+
+def _resolve_other(src: str, offline: bool, activation) -> Checkpoint:
+    if src.startswith((".", "/", "~")) or src.endswith(_WEIGHT_SUFFIXES + (".json",)):
+        raise FileNotFoundError(f"no such checkpoint file or directory: {src}")
+    if ":" in src or not _HUB_ID.match(src) or _near_registry_name(src):
+        raise UnknownModelError(f"unknown model {src!r}{suggestion(src)} (`gem-jax models` lists the registry; "
+                                "a local path or a Hugging Face repo id like 'openai/clip-vit-base-patch16' "
+                                "also works)")
+    try:
+        files = {}
+        for name in ("open_clip_config.json", "config.json"):
+            _fetch_optional(src, name, offline, files, strict=True)
+        if "open_clip_config.json" in files:
+            candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            files.pop("config.json", None)
+        elif "config.json" in files:
+            candidates = ["model.safetensors", "pytorch_model.bin"]
+        else:
+            raise _Unavailable("it has neither open_clip_config.json nor config.json")
+        weights = _fetch_first(src, candidates, offline)
+        files[weights.name] = weights
+        for name in HUB_TOKENIZER_FILES:
+            _fetch_optional(src, name, offline, files)
+    except _Unavailable as e:
+        target = weights_dir() / src.replace("/", "--")
+        raise ModelNotAvailableError(
+            f"{src} is not available{' offline' if offline else ''}: {e}.\n"
+            f"Download it where there is network access:\n"
+            f"    hf download {src} --include '*.json' '*.txt' '*.safetensors' --local-dir {target}\n"
+            f"(`huggingface-cli download` in older huggingface_hub) and load {target} instead.") from None
+    return _read_fetched(files, activation, f"hf://{src}")
+
+
+def _near_registry_name(src: str) -> bool:
+    # "ViT-B/17" is a typo of a registry model, not a repository id
+    import difflib
+
+    models = {n.split(":", 1)[0] for n in MODELS}
+    return bool(difflib.get_close_matches(src, models, n=1, cutoff=0.8))
+
+
+def _read_fetched(files: dict[str, pathlib.Path], activation, source: str) -> Checkpoint:
+    parents = {p.parent for p in files.values()}
+    if len(parents) != 1:
+        raise CheckpointError(f"downloaded files of {source} are spread over {sorted(map(str, parents))}")
+    d = parents.pop()
+    ckpt = _read_dir(d, activation, only=frozenset(files))
+    return Checkpoint(ckpt.config, ckpt.params, ckpt.layout, ckpt.tokenizer_dir, source)
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _hub_errors():
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    return EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+
+def _fetch(repo: str, filename: str, offline: bool) -> pathlib.Path | None:
+    """The local path of one file (downloaded or cached); None if the repository lacks it."""
+    import huggingface_hub
+
+    EntryNotFound, LocalEntryNotFound, RepoNotFound = _hub_errors()
+    try:
+        return pathlib.Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=offline))
+    except LocalEntryNotFound:
+        if offline:
+            raise _Unavailable(f"{filename} is not in the Hugging Face cache and downloads are off "
+                               "(HF_HUB_OFFLINE)") from None
+        raise _Unavailable(f"{filename} could not be downloaded (no network?) and is not cached") from None
+    except EntryNotFound:
+        return None
+    except RepoNotFound:
+        raise _Unavailable("the repository does not exist or needs a login (`hf auth login`)") from None
+    except (OSError, ValueError) as e:  # connection and HTTP errors
+        raise _Unavailable(f"downloading {filename} failed ({type(e).__name__}: {e})") from None
+
+
+def _fetch_first(repo: str, candidates, offline: bool) -> pathlib.Path:
+    names = [c for c in candidates if c]
+    for name in names:
+        p = _fetch(repo, name, offline)
+        if p is not None:
+            return p
+    raise _Unavailable(f"the repository has none of {', '.join(names)}")
+
+
+def _fetch_optional(repo, name, offline, files, strict=False) -> None:
+    # strict: a network failure still counts (used for the files that pick the layout)
+    try:
+        p = _fetch(repo, name, offline)
+    except _Unavailable:
+        if strict:
+            raise
+        return
+    if p is not None:
+        files[name] = p
+
+
+def _entry_unavailable(entry: ModelEntry, reason: str, offline: bool) -> ModelNotAvailableError:
+    target = weights_dir() / entry.local_name
+    files = " ".join(f for f in (entry.config_filename, entry.filename) if f)
+    return ModelNotAvailableError(
+        f"{entry.name} is not available{' offline' if offline else ''}: {entry.hub_repo}: {reason}"
+        f"{'' if offline else ' (HF_HUB_OFFLINE=1 skips the connection attempts)'}.\n"
+        f"Download it once where there is network access:\n"
+        f"    hf download {entry.hub_repo} {files} --local-dir {target}\n"
+        f"(`huggingface-cli download` with the same arguments in older huggingface_hub); gem-jax then "
+        f"reads it from {target}. Or copy a converted {entry.local_name}/ directory (`gem-jax convert "
+        f"{entry.name} --out DIR`) into {weights_dir()}, or point GEM_JAX_WEIGHTS at a directory holding one.")
+
+
+def _release_only(entry: ModelEntry) -> ModelNotAvailableError:
+    target = weights_dir() / entry.local_name
+    return ModelNotAvailableError(
+        f"{entry.name} has no known Hugging Face repository, so it cannot be fetched automatically. "
+        f"Its weights are published at {entry.url}.\nDownload that file into {target}/, e.g.\n"
+        f"    mkdir -p {target} && curl -L -o {target}/{entry.filename} {entry.url}\n"
+        f"gem-jax then reads it from there (reading .pt files needs torch: pip install \"gem-jax[torch]\"); "
+        f"or convert it once: gem-jax convert FILE --out {target} --activation {entry.activation}")
+
+
+__all__ = ["ModelNotAvailableError", "weights_dir", "local_dir", "is_converted", "resolve", "convert",
+           "get_entry"]

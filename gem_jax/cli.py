@@ -1,0 +1,373 @@
+"""The ``gem-jax`` command: segment, models, convert."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import traceback
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad argument value: exit status 2."""
+
+
+class RuntimeFailure(Exception):
+    """A well-formed command that could not be carried out: exit status 1."""
+
+
+def _size(text: str):
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 448 or 320x480), got {text!r}")
+    h = int(m.group(1))
+    return h if m.group(2) is None else (h, int(m.group(2)))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gem-jax",
+        description="GEM (Grounding Everything Module) in JAX: open-vocabulary heatmaps and segmentation "
+                    "from a pretrained CLIP, without training.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    # Accepted after the command too; SUPPRESS keeps the top-level value when absent.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+    seg = sub.add_parser("segment", parents=[common], help="heatmaps and label maps for images and prompts",
+                         description="Writes, per image, an overlay PNG per prompt, a grid of all prompts, and "
+                                     "with --classes a colour label map with a legend.")
+    seg.add_argument("images", nargs="*", metavar="IMAGE", help="image files, directories or glob patterns")
+    seg.add_argument("--example", action="store_true", help="use the bundled example image (a cat)")
+    seg.add_argument("-p", "--prompt", dest="prompts", action="extend", nargs="+", default=[], metavar="PROMPT",
+                     help="text to localise; repeat or list several")
+    seg.add_argument("--classes", nargs="+", metavar="CLASS", help="class names for a label map")
+    seg.add_argument("--background-threshold", type=_probability, default=0.85,
+                     help="with --classes: pixels whose top class probability is below this are background "
+                          "(default 0.85)")
+    seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
+                                                   "(default ViT-B/16:openai)")
+    seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
+    seg.add_argument("--gem-layers", type=_positive_int, default=6, help="last blocks with the GEM path (6)")
+    seg.add_argument("--iterations", type=_nonneg_int, default=1, help="self-self attention iterations (1)")
+    seg.add_argument("--temperature", type=_positive_float, default=None,
+                     help="the paper's tau; default: adaptive")
+    seg.add_argument("--template", default="a photo of a {}.",
+                     help="prompt template with {} ('imagenet' for the 80-template ensemble)")
+    size = seg.add_mutually_exclusive_group()
+    size.add_argument("--size", type=_size, default=None, help="model input size: N or HxW (default 448)")
+    size.add_argument("--short-side", type=_positive_int, default=None,
+                      help="resize the shorter side to this, keeping the aspect")
+    seg.add_argument("--out", default="gem_out", help="output directory (default ./gem_out)")
+    seg.add_argument("--save-logits", metavar="FILE.npz", default=None,
+                     help="also save raw cosine logits, heatmaps and prompts")
+    seg.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays (jet)")
+    seg.add_argument("--alpha", type=_probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
+    seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    seg.add_argument("--force", action="store_true", help="overwrite existing output files")
+    _add_cache_flags(seg)
+
+    sub.add_parser("models", parents=[common], help="list the model registry")
+
+    conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint into the native format")
+    conv.add_argument("source", help="registry name, hub id, local directory or file")
+    conv.add_argument("--out", required=True, help="output directory, e.g. weights/my-model")
+    conv.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
+                      help="needed when the checkpoint does not say (bare safetensors files)")
+    conv.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def _add_cache_flags(p):
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent JAX compilation cache (default: $GEM_JAX_COMPILE_CACHE or "
+                        "~/.cache/gem_jax/xla)")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent cache")
+
+
+def enable_compile_cache(directory: str | None) -> pathlib.Path:
+    """Turns on JAX's persistent compilation cache, so a second run of a shape does not compile."""
+    import jax
+
+    path = pathlib.Path(directory or os.environ.get("GEM_JAX_COMPILE_CACHE")
+                        or pathlib.Path.home() / ".cache" / "gem_jax" / "xla").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # The defaults skip programs compiled in under a second; ours are all worth keeping.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+
+
+def _plan_outputs(paths, prompts, classes, out_dir: pathlib.Path):
+    """Per image: (overlay paths per prompt, grid path, label path | None)."""
+    plans, seen = [], {}
+    for path in paths:
+        stem = _slug(path.stem)
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        if n:
+            stem = f"{stem}_{n}"
+        overlays = [out_dir / f"{stem}__{_slug(p)}.png" for p in prompts]
+        grid = out_dir / f"{stem}__grid.png" if prompts else None
+        labels = out_dir / f"{stem}__labels.png" if classes else None
+        plans.append((overlays, grid, labels))
+    return plans
+
+
+def cmd_segment(args) -> int:
+    from gem_jax import preprocess
+
+    prompts = [p.strip() for p in args.prompts]
+    if any(not p for p in prompts):
+        raise UsageError("a prompt is empty; give text such as -p cat")
+    classes = [c.strip() for c in args.classes] if args.classes else None
+    if classes is not None and any(not c for c in classes):
+        raise UsageError("a class name is empty")
+    if not prompts and not classes:
+        raise UsageError("nothing to localise: give prompts with -p PROMPT (or class names with --classes)")
+    if len(set(prompts)) != len(prompts):
+        raise UsageError("a prompt is given twice")
+    if args.save_logits and not prompts:
+        raise UsageError("--save-logits needs prompts (-p)")
+    if not args.images and not args.example:
+        raise UsageError("no images given (pass IMAGE paths, a directory, a glob, or --example)")
+    try:
+        paths = preprocess.expand_image_paths(args.images) if args.images else []
+    except preprocess.ImageError as e:
+        raise RuntimeFailure(str(e)) from None
+    if args.example:
+        from gem_jax.pipeline import example_image_path
+
+        paths.append(example_image_path())
+    out_dir = pathlib.Path(args.out)
+    plans = _plan_outputs(paths, prompts, classes, out_dir)
+    targets = [p for overlays, grid, labels in plans for p in (*overlays, grid, labels) if p is not None]
+    if args.save_logits:
+        targets.append(pathlib.Path(args.save_logits))
+    if not args.force:
+        existing = [str(p) for p in targets if p.exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise RuntimeFailure(f"output file exists: {existing[0]}{more}; pass --force to overwrite")
+    if args.save_logits and not str(args.save_logits).endswith(".npz"):
+        raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
+
+    # Decode every image before the (slow) model load, so a bad file fails fast.
+    try:
+        images = [preprocess.load_image(p) for p in paths]
+    except preprocess.ImageError as e:
+        raise RuntimeFailure(str(e)) from None
+
+    if not args.no_compile_cache:
+        enable_compile_cache(args.compile_cache)
+    import numpy as np
+
+    from gem_jax import pipeline, visualize
+
+    model = _load_model(args.model)
+    try:
+        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+                           temperature=args.temperature, template=args.template, size=args.size,
+                           short_side=args.short_side, dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        visualize.colorize(np.zeros((1, 1)), args.cmap)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_logits, all_heat, sizes = [], [], []
+    for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
+        if prompts:
+            out = gem.heatmaps(image, prompts)
+            logits, heat = out.logits[0], out.heatmaps[0]
+            all_logits.append(logits)
+            all_heat.append(heat)
+            sizes.append(out.sizes[0])
+            shown = _to_original_size(heat, image.shape[:2])
+            for p_idx, target in enumerate(overlays):
+                visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
+                                   target, overwrite=args.force)
+            fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha)
+            visualize.save_png(fig, grid, overwrite=args.force)
+        if classes:
+            labels = gem.segment(image, classes, args.background_threshold)
+            labels = _to_original_size(labels, image.shape[:2], nearest=True)
+            fig = visualize.label_figure(image, labels, classes)
+            visualize.save_png(fig, labels_path, overwrite=args.force)
+    if args.save_logits:
+        _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
+    written = len(targets)
+    print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else ""),
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _to_original_size(maps, hw, nearest=False):
+    """(..., h, w) maps resized to the image's own (H, W) for display."""
+    import numpy as np
+    from PIL import Image
+
+    maps = np.asarray(maps)
+    if maps.shape[-2:] == tuple(hw):
+        return maps
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    out = [np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(hw[::-1], resample)) for m in flat]
+    out = np.stack(out).reshape(*maps.shape[:-2], *hw)
+    return out.astype(maps.dtype) if nearest else out
+
+
+def _save_logits(path: pathlib.Path, logits, heat, prompts, paths, sizes, force):
+    """Writes the npz atomically: ``logits``/``heatmaps`` (N, P, H, W) when all inputs share a
+    size, otherwise ``logits_<i>``/``heatmaps_<i>`` per image; plus ``prompts``, ``images``, ``sizes``."""
+    import numpy as np
+
+    if path.exists() and not force:
+        raise RuntimeFailure(f"output file exists: {path}; pass --force to overwrite")
+    arrays = {"prompts": np.array(prompts), "images": np.array([str(p) for p in paths]),
+              "sizes": np.array(sizes, dtype=np.int32)}
+    if len(set(sizes)) == 1:
+        arrays["logits"], arrays["heatmaps"] = np.stack(logits), np.stack(heat)
+    else:
+        for i, (lg, hm) in enumerate(zip(logits, heat)):
+            arrays[f"logits_{i}"], arrays[f"heatmaps_{i}"] = lg, hm
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress(items, desc):
+    if len(items) <= 1:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="image", file=sys.stderr)
+
+
+def _load_model(name):
+    from gem_jax import checkpoints, pipeline
+
+    try:
+        return pipeline.load(name)
+    except checkpoints.UnknownModelError as e:
+        raise UsageError(str(e)) from None
+    except (checkpoints.ModelNotAvailableError, checkpoints.CheckpointError, FileNotFoundError) as e:
+        raise RuntimeFailure(str(e)) from None
+
+
+def cmd_models(args) -> int:
+    from gem_jax import checkpoints
+
+    rows = [("name", "architecture", "weights", "hub repository", "converted")]
+    for name in checkpoints.available_models():
+        e = checkpoints.get_entry(name)
+        rows.append((name, e.architecture, e.pretrained, e.hub_repo or "(none)",
+                     "yes" if checkpoints.is_converted(name) else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\nconverted copies live in {checkpoints.weights_dir()}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from gem_jax import checkpoints
+
+    try:
+        out = checkpoints.convert(args.source, args.out, force=args.force, activation=args.activation)
+    except checkpoints.UnknownModelError as e:
+        raise UsageError(str(e)) from None
+    except FileExistsError as e:
+        raise RuntimeFailure(f"{e}; pass --force to replace it") from None
+    except (checkpoints.ModelNotAvailableError, checkpoints.CheckpointError, FileNotFoundError) as e:
+        raise RuntimeFailure(str(e)) from None
+    print(f"converted {args.source} -> {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        if args.debug:
+            traceback.print_exc()
+        parser.exit(EXIT_USAGE, f"gem-jax {args.command}: error: {e}\n")
+    except RuntimeFailure as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"gem-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print("gem-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"gem-jax {args.command}: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The ``gem-jax eval`` command: parser and entry point (wired into :mod:`gem_jax.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import traceback
+
+from gem_jax.eval.datasets import READERS
+from gem_jax.eval.protocols import PROTOCOLS
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _nonneg_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _projections(text: str) -> tuple[str, ...]:
+    letters = tuple(dict.fromkeys(text.strip().lower().replace(",", "")))
+    if not letters or any(c not in "qkv" for c in letters):
+        raise argparse.ArgumentTypeError(f"expected letters from q, k, v (e.g. qkv or v), got {text!r}")
+    return letters
+
+
+def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
+    """Adds the ``eval`` sub-command to ``subparsers`` (``parents``: shared flag parsers)."""
+    p = subparsers.add_parser(
+        "eval", parents=list(parents), help="evaluate on a segmentation benchmark (mIoU, p-mIoU)",
+        description="Evaluates GEM (or plain CLIP) on a benchmark in its usual on-disk layout and writes the "
+                    "metrics as JSON. The run is resumable: rerun the same command to continue.")
+    p.add_argument("--dataset", required=True, choices=list(READERS), help="benchmark")
+    p.add_argument("--root", required=True, help="dataset directory (e.g. VOCdevkit/VOC2012)")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
+                                                 "(default ViT-B/16:openai)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="gem",
+                   help="gem: the paper's (short side 448, one template); sclip: short side 336, 224 crops "
+                        "stride 112, 80 templates (default gem)")
+    p.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
+    p.add_argument("--gem-layers", type=_positive_int, default=6, help="last blocks with the GEM path (6)")
+    p.add_argument("--iterations", type=_nonneg_int, default=1, help="self-self attention iterations (1)")
+    p.add_argument("--temperature", type=_positive_float, default=None, help="the paper's tau; default adaptive")
+    p.add_argument("--projections", type=_projections, default=("q", "k", "v"),
+                   help="self-self projections to ensemble, letters of qkv (default qkv; Table 1)")
+    p.add_argument("--no-norm", action="store_true",
+                   help="without L2 normalisation and adaptive temperature (Table 1's first row)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
+    p.add_argument("--save-predictions", metavar="DIR", default=None, help="write predicted label maps as PNGs")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="results file (default: print the JSON)")
+    p.add_argument("--state", metavar="FILE.npz", default=None,
+                   help="resume state (default FILE.json.state.npz beside --out; none without --out)")
+    p.add_argument("--restart", action="store_true", help="discard an existing state file and start over")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image or annotation stops the run (fail) or is skipped and listed (skip)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per forward pass")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Runtime(Exception):
+    pass
+
+
+def _load_model(name):
+    from gem_jax import checkpoints, pipeline
+
+    unknown = getattr(checkpoints, "UnknownModelError", None)
+    try:
+        return pipeline.load(name)
+    except Exception as e:
+        if unknown is not None and isinstance(e, unknown):
+            raise _Usage(str(e)) from None
+        raise _Runtime(f"cannot load model {name or '(default)'}: {e}") from e
+
+
+def _execute(args) -> int:
+    from gem_jax.eval.datasets import DatasetError, open_dataset
+    from gem_jax.eval.protocols import get_protocol
+
+    try:
+        dataset = open_dataset(args.dataset, args.root, args.split)
+    except DatasetError as e:
+        raise _Runtime(str(e)) from e
+    if args.save_predictions and dataset.kind != "semantic":
+        raise _Usage(f"--save-predictions applies to label-map datasets, not {args.dataset}")
+    out = pathlib.Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise _Usage(f"--out must name a file, {out} is a directory")
+    state = pathlib.Path(args.state) if args.state else (out.with_name(out.name + ".state.npz") if out else None)
+    if args.restart and state is not None:
+        state.unlink(missing_ok=True)
+    protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+
+    from gem_jax import pipeline
+    from gem_jax.eval.runner import EvaluationError, evaluate, write_json
+
+    model = _load_model(args.model)
+    try:
+        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+                           temperature=args.temperature, projections=args.projections, normalize=not args.no_norm,
+                           template=protocol.template, short_side=protocol.short_side, dtype=args.dtype)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    try:
+        result = evaluate(gem, dataset, protocol, limit=args.limit, save_predictions=args.save_predictions,
+                          state_file=state, on_error=args.on_error, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    except (EvaluationError, DatasetError, OSError) as e:
+        hint = f"; rerun to resume from {state}" if state is not None and state.exists() else ""
+        raise _Runtime(f"{e}{hint}") from e
+    except KeyboardInterrupt:
+        where = f"; rerun the same command to resume from {state}" if state is not None else ""
+        print(f"gem-jax eval: interrupted{where}", file=sys.stderr)
+        return 130
+    if out is not None:
+        write_json(out, result)
+    else:
+        print(json.dumps(result, indent=2))
+    metric = result["metric"]
+    value = result[metric]
+    shown = "n/a" if value is None else f"{value:.2f}"
+    skipped = f", {result['num_skipped']} skipped" if result["num_skipped"] else ""
+    print(f"{dataset.name} {metric} {shown} ({result['evaluated']}/{result['num_images']} images{skipped})"
+          + (f" -> {out}" if out else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def run(args) -> int:
+    """Runs ``gem-jax eval``: 0 on success, 2 for a usage error, 1 for a runtime error (one-line
+    message on stderr; the traceback too with ``--debug``)."""
+    try:
+        return _execute(args)
+    except _Usage as e:
+        print(f"gem-jax eval: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except _Runtime as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"gem-jax eval: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as e:  # unexpected: still one line
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"gem-jax eval: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME

@@ -1,0 +1,467 @@
+"""The evaluation loop: predictions per protocol, metrics on device, resumable state, saved label maps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from gem_jax import preprocess
+from gem_jax.eval import metrics
+from gem_jax.eval.datasets import IGNORE_INDEX, Dataset, DatasetError, voc_palette
+from gem_jax.eval.protocols import Protocol, get_protocol
+from gem_jax.models.layers import resize_matrix
+from gem_jax.pipeline import GEM, Model, imagenet_templates
+from gem_jax.sliding import sliding_logits
+
+log = logging.getLogger(__name__)
+
+#: Label maps and logits are padded up to multiples of this, so the post-processing
+#: step compiles once per size bucket rather than once per image size.
+SIZE_BUCKET = 128
+#: Most prompts x images whose logits one forward call returns at once (host memory).
+MAX_MAPS_PER_CALL = 256
+STATE_VERSION = 1
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot go on: a failing image with ``on_error="fail"``, or a state
+    file that belongs to another evaluation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Queries:
+    """The prompts of a semantic evaluation and the class each one votes for.
+
+    Attributes:
+      names: prompt names, in order.
+      classes: (P,) int32 dataset class of each prompt.
+    """
+
+    names: tuple[str, ...]
+    classes: np.ndarray
+
+
+def build_queries(dataset: Dataset, protocol: Protocol) -> Queries:
+    """The prompts a protocol uses for a dataset: each class's first name (every name
+    with ``synonyms``); the background class only with ``background_prompts``."""
+    names, classes = [], []
+    for c, prompts in enumerate(dataset.prompts):
+        if c == dataset.background and not protocol.background_prompts:
+            continue
+        for name in (prompts if protocol.synonyms else prompts[:1]):
+            names.append(name)
+            classes.append(c)
+    if dataset.background is not None and not protocol.background_prompts and protocol.background_threshold is None:
+        raise ValueError(f"{dataset.name} has a background class: the protocol needs background prompts or a "
+                         "background threshold")
+    return Queries(tuple(names), np.asarray(classes, np.int32))
+
+
+def _bucket(n: int) -> int:
+    return -(-n // SIZE_BUCKET) * SIZE_BUCKET
+
+
+def _padded_resize(in_size: int, out_size: int) -> np.ndarray:
+    """The bilinear (out, in) resize matrix, zero-padded to (bucket(out), bucket(in))."""
+    m = np.zeros((_bucket(out_size), _bucket(in_size)), np.float32)
+    m[:out_size, :in_size] = resize_matrix(in_size, out_size, "bilinear")
+    return m
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "background", "logit_scale", "threshold",
+                                             "area_threshold", "ignore_index"))
+def _semantic_step(conf, logits, rows, cols, hw, label, query_class, *, num_classes, background, logit_scale,
+                   threshold, area_threshold, ignore_index):
+    """Logits (P, hb, wb) at the model size -> labels at the annotation size -> confusion update.
+
+    ``rows`` (Hb, hb) and ``cols`` (Wb, wb) are padded bilinear resize matrices; ``hw`` the
+    true annotation size inside the (Hb, Wb) bucket; ``label`` is padded with the ignore value.
+    """
+    x = jnp.einsum("Hh,phw,Ww->pHW", rows, logits, cols, precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logit_scale * x, axis=0)
+    # Synonyms vote for their class by max; classes without prompts (background decided
+    # by threshold) get probability 0.
+    cls = jnp.maximum(jax.ops.segment_max(probs, query_class, num_segments=num_classes), 0.0)
+    if area_threshold is not None and background is not None:
+        valid = (jnp.arange(cls.shape[1])[:, None] < hw[0]) & (jnp.arange(cls.shape[2])[None, :] < hw[1])
+        top = jnp.where(valid, jnp.argmax(cls, axis=0), num_classes)
+        area = jnp.bincount(top.reshape(-1), length=num_classes + 1)[:num_classes].at[background].set(0)
+        keep = (area > area_threshold * area.sum()).at[background].set(True)
+        cls = cls * keep[:, None, None]
+    pred = jnp.argmax(cls, axis=0).astype(jnp.int32)
+    if threshold is not None and background is not None:
+        pred = jnp.where(jnp.max(cls, axis=0) < threshold, background, pred)
+    return metrics.update(conf, pred, label, ignore_index=ignore_index), pred
+
+
+def labels_at(logits: np.ndarray, out_hw: tuple[int, int], query_class: np.ndarray, num_classes: int,
+              background: int | None, protocol: Protocol) -> np.ndarray:
+    """The (H, W) int32 prediction the runner scores for (P, h, w) logits at size ``out_hw``."""
+    conf = metrics.new_confusion(num_classes)
+    label = np.full((_bucket(out_hw[0]), _bucket(out_hw[1])), IGNORE_INDEX, np.int32)
+    _, pred = _run_step(conf, logits, out_hw, label, query_class, num_classes, background, protocol)
+    return np.asarray(pred)[:out_hw[0], :out_hw[1]]
+
+
+def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, background, protocol):
+    p, h, w = logits.shape
+    padded = np.zeros((p, _bucket(h), _bucket(w)), np.float32)
+    padded[:, :h, :w] = logits
+    return _semantic_step(conf, padded, _padded_resize(h, out_hw[0]), _padded_resize(w, out_hw[1]),
+                          np.asarray(out_hw, np.int32), label_padded, query_class, num_classes=num_classes,
+                          background=background, logit_scale=float(protocol.logit_scale),
+                          threshold=protocol.background_threshold, area_threshold=protocol.area_threshold,
+                          ignore_index=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------- state and outputs
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, data: dict) -> None:
+    """Writes ``data`` as indented JSON, atomically (a reader never sees half a file)."""
+    _atomic_write(pathlib.Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def save_label_png(path, labels: np.ndarray) -> None:
+    """Writes an (H, W) label map with values 0..255 as a palette PNG (VOC colours), atomically."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("label values must be in 0..255 to be saved as PNG")
+    im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    im.putpalette(voc_palette().reshape(-1).tolist())  # "L" becomes "P", the values kept
+    _atomic_write(pathlib.Path(path), lambda f: im.save(f, format="PNG"))
+
+
+def prediction_path(directory, sample_id: str) -> pathlib.Path:
+    """Where the prediction of ``sample_id`` is saved: ``directory/<id>.png`` (ids may hold ``/``)."""
+    directory = pathlib.Path(directory)
+    path = directory / f"{sample_id}.png"
+    if ".." in pathlib.PurePosixPath(sample_id).parts or pathlib.PurePosixPath(sample_id).is_absolute():
+        raise ValueError(f"sample id {sample_id!r} would be written outside {directory}")
+    return path
+
+
+@dataclasses.dataclass
+class _State:
+    counts: Any
+    done: list[str]
+    skipped: list[dict]
+
+
+def _fingerprint(gem: GEM, dataset: Dataset, protocol: Protocol, queries: Queries | None) -> dict:
+    templates = hashlib.sha1("\n".join(gem.templates).encode()).hexdigest()[:16]
+    return {
+        "version": STATE_VERSION,
+        "dataset": dataset.name, "split": dataset.split, "root": str(pathlib.Path(dataset.root).resolve()),
+        "classes": hashlib.sha1("\n".join(dataset.classes).encode()).hexdigest()[:16],
+        "protocol": protocol.settings(),
+        "model": gem.model.name, "method": gem.method, "options": _options(gem), "dtype": gem.dtype,
+        "templates": templates,
+        "prompts": list(queries.names) if queries is not None else None,
+    }
+
+
+def _options(gem: GEM) -> dict:
+    opts = dataclasses.asdict(gem.options)
+    opts["projections"] = list(opts["projections"])
+    return opts if gem.method == "gem" else {}
+
+
+def _save_state(path: pathlib.Path, fingerprint: dict, state: _State) -> None:
+    counts = np.asarray(jax.device_get(state.counts)).astype(np.int64)
+    arrays = {
+        "fingerprint": np.array(json.dumps(fingerprint, sort_keys=True)),
+        "counts": counts,
+        "done": np.array(state.done, dtype=str) if state.done else np.zeros((0,), "<U1"),
+        "skipped": np.array(json.dumps(state.skipped)),
+    }
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _load_state(path: pathlib.Path, fingerprint: dict, shape) -> _State | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            saved = json.loads(str(z["fingerprint"]))
+            counts, done, skipped = z["counts"], [str(s) for s in z["done"]], json.loads(str(z["skipped"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise EvaluationError(f"cannot read the state file {path}: {e}; delete it to start over") from None
+    mine = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if saved != mine:
+        differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise EvaluationError(f"the state file {path} belongs to another evaluation (differs in: "
+                              f"{', '.join(differ)}); delete it or pass another state file")
+    if counts.shape != tuple(shape):
+        raise EvaluationError(f"the state file {path} holds counts of shape {counts.shape}, expected {shape}")
+    return _State(jnp.asarray(counts.astype(np.asarray(metrics.new_confusion(1)).dtype)), done, skipped)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _min_max(maps: np.ndarray) -> np.ndarray:
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    span = maps.max(axis=(-2, -1), keepdims=True) - lo
+    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0.0)
+
+
+def _progress(total, initial, enabled, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="img", desc=desc, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None = None,
+             save_predictions=None, state_file=None, on_error: str = "fail", *, batch_size: int | None = None,
+             save_every: int = 25, progress: bool = True) -> dict:
+    """Evaluates a model on a benchmark and returns the results as a JSON-able dict.
+
+    Args:
+      gem_or_model: a :class:`~gem_jax.pipeline.GEM` (its method, options and templates are
+        used as they are; the protocol sets the sizes) or a :class:`~gem_jax.pipeline.Model`
+        (wrapped in a GEM with the protocol's template).
+      dataset: from :mod:`gem_jax.eval.datasets`.
+      protocol: a :class:`~gem_jax.eval.protocols.Protocol` or its name.
+      limit: evaluate only the first ``limit`` samples.
+      save_predictions: directory for the predicted label maps, ``<id>.png`` palette PNGs at
+        the annotation's size holding class indices (written atomically).
+      state_file: a ``.npz`` holding the counts so far and the ids done; written every
+        ``save_every`` images and when the loop stops for any reason. If it exists (and
+        was written by the same evaluation), the run continues from it.
+      on_error: ``"fail"`` raises :class:`EvaluationError` on an image or annotation that
+        cannot be read; ``"skip"`` logs it and goes on. Skipped samples are listed in the
+        results with their reasons and counted in ``num_skipped``; ``complete`` is False
+        unless every sample was evaluated.
+      batch_size: images per forward call (default: the GEM's, fewer when there are many
+        prompts).
+      progress: show a progress bar (images/s) on stderr.
+    Returns:
+      For label-map datasets ``mIoU``, ``aAcc``, ``mAcc``, ``per_class_iou`` (percent;
+      ``None`` for classes neither present nor predicted), for point datasets ``p-mIoU``;
+      plus ``num_images``, ``evaluated``, ``num_skipped``, ``skipped``, ``complete``, the
+      protocol settings, model, method, options and prompts.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    protocol = get_protocol(protocol).for_dataset(dataset.name)
+    if isinstance(gem_or_model, GEM):
+        gem = gem_or_model
+        wanted = imagenet_templates() if protocol.template == "imagenet" else (protocol.template,)
+        if gem.templates != wanted:
+            log.warning("the GEM's %d prompt template(s) differ from the %s protocol's %d; using the GEM's",
+                        len(gem.templates), protocol.name, len(wanted))
+    elif isinstance(gem_or_model, Model):
+        gem = GEM(gem_or_model, template=protocol.template, short_side=protocol.short_side)
+    else:
+        raise TypeError(f"expected a GEM or a Model, got {type(gem_or_model).__name__}")
+    points = dataset.kind == "points"
+    if points and save_predictions is not None:
+        raise ValueError("save_predictions applies to label-map datasets; OpenImages has point labels")
+
+    queries = None if points else build_queries(dataset, protocol)
+    samples = dataset.samples[:limit] if limit else dataset.samples
+    fingerprint = _fingerprint(gem, dataset, protocol, queries)
+    counts_shape = (dataset.num_classes, 3) if points else (dataset.num_classes, dataset.num_classes)
+    state_path = pathlib.Path(state_file) if state_file is not None else None
+    state = _load_state(state_path, fingerprint, counts_shape) if state_path is not None else None
+    if state is None:
+        fresh = metrics.new_point_counts if points else metrics.new_confusion
+        state = _State(fresh(dataset.num_classes), [], [])
+    finished = set(state.done)
+    todo = [s for s in samples if s.id not in finished]
+    n_prompts = 1 if points else len(queries.names)
+    per_call = batch_size or max(1, min(gem.batch_size, MAX_MAPS_PER_CALL // n_prompts))
+    pred_dir = pathlib.Path(save_predictions) if save_predictions is not None else None
+
+    run = _Run(gem, dataset, protocol, queries, state, on_error, pred_dir)
+    bar = _progress(len(samples), len(samples) - len(todo), progress, f"{dataset.name}/{protocol.name}")
+    start, since_save, evaluated_now = time.perf_counter(), 0, 0
+    try:
+        for i in range(0, len(todo), per_call):
+            chunk = todo[i:i + per_call]
+            before = len(state.done)
+            run.chunk(chunk)
+            n = len(state.done) - before
+            evaluated_now += n
+            since_save += n
+            bar.update(n)
+            if state_path is not None and since_save >= save_every:
+                _save_state(state_path, fingerprint, state)
+                since_save = 0
+    finally:
+        bar.close()
+        if state_path is not None:
+            _save_state(state_path, fingerprint, state)
+    elapsed = time.perf_counter() - start
+
+    skipped_ids = {s["id"] for s in state.skipped}
+    in_scope = {s.id for s in samples}
+    skipped = [s for s in state.skipped if s["id"] in in_scope]
+    evaluated = sum(1 for d in state.done if d in in_scope and d not in skipped_ids)
+    if points:
+        summary = metrics.summarize_points(state.counts, dataset.classes, [p[0] for p in dataset.prompts])
+        metric = "p-mIoU"
+    else:
+        summary = metrics.summarize(state.counts, dataset.classes)
+        metric = "mIoU"
+    result = {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "root": str(dataset.root),
+        "metric": metric,
+        "units": "percent",
+        **summary,
+        "num_images": len(samples),
+        "evaluated": evaluated,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "complete": evaluated == len(samples),
+        "protocol": protocol.name,
+        "protocol_settings": protocol.settings(),
+        "model": gem.model.name,
+        "method": gem.method,
+        "gem_options": _options(gem),
+        "dtype": gem.dtype,
+        "num_templates": len(gem.templates),
+        "prompts": ({dataset.classes[c]: [n for n, k in zip(queries.names, queries.classes) if k == c]
+                     for c in range(dataset.num_classes) if c in set(queries.classes.tolist())}
+                    if queries is not None else None),
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(evaluated_now / elapsed, 3) if elapsed > 0 and evaluated_now else None,
+    }
+    if len(state.done) > len(in_scope & set(state.done)):
+        # The state file covers more samples than this run's limit: the counts include them.
+        result["note"] = "the state file holds samples beyond --limit; the metrics include them"
+    return result
+
+
+class _Run:
+    """One evaluation's moving parts: forward passes, post-processing, bookkeeping."""
+
+    def __init__(self, gem, dataset, protocol, queries, state, on_error, pred_dir):
+        self.gem, self.dataset, self.protocol, self.queries = gem, dataset, protocol, queries
+        self.state, self.on_error, self.pred_dir = state, on_error, pred_dir
+        self.query_class = None if queries is None else jnp.asarray(queries.classes)
+
+    def fail(self, sample, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        if self.on_error == "fail":
+            raise EvaluationError(f"sample {sample.id!r}: {error} (pass on_error='skip' / --on-error skip to "
+                                  "skip such samples)") from error
+        log.warning("skipped %s: %s", sample.id, error)
+        self.state.skipped.append({"id": sample.id, "reason": reason})
+        self.state.done.append(sample.id)
+
+    def load(self, sample):
+        image = preprocess.load_image(sample.image)
+        image = np.asarray(image)
+        label = None
+        if self.dataset.kind == "semantic":
+            label = self.dataset.load_label(sample, image.shape[:2])
+        return image, label
+
+    def chunk(self, chunk) -> None:
+        loaded = []
+        for sample in chunk:
+            try:
+                loaded.append((sample, *self.load(sample)))
+            except (preprocess.ImageError, DatasetError) as e:
+                self.fail(sample, e)
+        if not loaded:
+            return
+        try:
+            outputs = self.forward([img for _, img, _ in loaded], [s for s, _, _ in loaded])
+        except preprocess.ImageError:
+            # One bad image spoils a batch: retry one by one to name it.
+            outputs = []
+            keep = []
+            for item in loaded:
+                try:
+                    outputs.extend(self.forward([item[1]], [item[0]]))
+                    keep.append(item)
+                except preprocess.ImageError as e:
+                    self.fail(item[0], e)
+            loaded = keep
+        for (sample, image, label), maps in zip(loaded, outputs):
+            if self.dataset.kind == "semantic":
+                self.score_labels(sample, label, maps)
+            else:
+                self.score_points(sample, maps)
+
+    def prompts_of(self, sample) -> list[str]:
+        if self.queries is not None:
+            return list(self.queries.names)
+        return [self.dataset.prompts[c][0] for c in sample.points.present()]
+
+    def forward(self, images, samples) -> list[np.ndarray]:
+        """Logits (semantic) or min-max heatmaps (points), (P, h, w) per image."""
+        p = self.protocol
+        sets = [self.prompts_of(s) for s in samples]
+        if p.sliding:
+            out = [sliding_logits(self.gem, img, prompts, crop=p.crop, stride=p.stride, short_side=p.short_side,
+                                  max_long_side=p.max_long_side) for img, prompts in zip(images, sets)]
+            return out if self.queries is not None else [_min_max(m) for m in out]
+        res = self.gem.heatmaps(images, sets, short_side=p.short_side)
+        maps = res.logits if self.queries is not None else res.heatmaps
+        return [np.asarray(maps[i]) for i in range(len(images))]
+
+    def score_labels(self, sample, label: np.ndarray, logits: np.ndarray) -> None:
+        hw = label.shape
+        padded = np.full((_bucket(hw[0]), _bucket(hw[1])), IGNORE_INDEX, np.int32)
+        padded[:hw[0], :hw[1]] = label
+        conf, pred = _run_step(self.state.counts, logits, hw, padded, self.query_class, self.dataset.num_classes,
+                               self.dataset.background, self.protocol)
+        if self.pred_dir is not None:
+            save_label_png(prediction_path(self.pred_dir, sample.id), np.asarray(pred)[:hw[0], :hw[1]])
+        self.state.counts = conf
+        self.state.done.append(sample.id)
+
+    def score_points(self, sample, heatmaps: np.ndarray) -> None:
+        pts = sample.points
+        present = pts.present()
+        on = np.zeros(len(pts.classes), bool)
+        for k, c in enumerate(present):
+            sel = pts.classes == c
+            on[sel] = metrics.points_on(heatmaps[k], pts.x[sel], pts.y[sel], self.protocol.point_threshold)
+        n = len(on)
+        size = max(8, 1 << max(n - 1, 0).bit_length())  # padded: one compilation per power of two
+        pad = lambda a, fill: np.concatenate([a, np.full(size - n, fill, a.dtype)])
+        valid = np.arange(size) < n
+        counts = metrics.point_update(self.state.counts, pad(pts.classes, 0), pad(on, False),
+                                      pad(pts.positive, False), valid)
+        self.state.counts = counts
+        self.state.done.append(sample.id)

@@ -1,0 +1,135 @@
+"""Parity of the GEM path and the heatmap API with the reference gem-torch 1.0.1."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+gem_ref = pytest.importorskip("gem.gem_wrapper")
+
+import open_clip  # noqa: E402
+
+from gem_jax import gem as gem_lib  # noqa: E402
+from gem_jax.models import VisionTransformer  # noqa: E402
+from gem_jax.pipeline import GEM  # noqa: E402
+from reference_models import openclip_model, openclip_named, twin  # noqa: E402
+
+LOGIT_TOL = 1e-4
+HEATMAP_TOL = 1e-3
+
+
+def reference(model, depth: int, iterations: int = 1, temperature: float | None = None):
+    """The reference wrapper around (a deep copy of) ``model``."""
+    import copy
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    return gem_ref.GEMWrapper(copy.deepcopy(model), tokenizer, depth=depth, ss_attn_iter=iterations,
+                              ss_attn_temp=None if temperature is None else 1.0 / temperature)
+
+
+def random_image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def pixels_of(image, hw):
+    from gem_jax import preprocess
+
+    return preprocess.normalize(preprocess.resize(image, hw))
+
+
+def to_torch(pixels):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(pixels).transpose(0, 3, 1, 2)))
+
+
+def run_both(model, jax_model, image, prompts, hw, *, layers, iterations=1, temperature=None, method="gem"):
+    """(reference logits, reference heatmaps, gem-jax output) on the same pixels."""
+    ref = reference(model, layers + 1, iterations, temperature)
+    x = to_torch(pixels_of(image, hw)[None])
+    with torch.no_grad():
+        raw = ref(x, prompts, normalize=False, return_ori=method == "clip").numpy()
+        heat = ref(x, prompts, normalize=True, return_ori=method == "clip").numpy()
+    with jax.default_matmul_precision("highest"):
+        g = GEM(jax_model, method=method, layers=layers, iterations=iterations, temperature=temperature, size=hw)
+        out = g.heatmaps(image, prompts)
+    return raw, heat, out
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = openclip_model(dict(layers=6, width=128, patch_size=8, image_size=32, head_width=32))
+    return model, twin(model, quick_gelu=True, head_width=32)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_small_config_gem_layers(small, layers):
+    model, jm = small
+    raw, heat, out = run_both(model, jm, random_image(40, 56), ["cat", "a boxer", "plate"], (48, 64), layers=layers)
+    assert out.logits.shape == raw.shape == (1, 3, 48, 64)
+    assert np.abs(out.logits - raw).max() <= LOGIT_TOL
+    assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
+    # the maps actually vary: a near-constant map would pass any tolerance
+    assert np.ptp(raw) > 0.05
+
+
+def test_plain_clip_path_matches_return_ori(small):
+    model, jm = small
+    raw, heat, out = run_both(model, jm, random_image(48, 48, 1), ["dog", "tree"], (48, 48), layers=3, method="clip")
+    assert np.abs(out.logits - raw).max() <= LOGIT_TOL
+    assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
+
+
+def test_gem_and_clip_tokens_differ_and_both_match(small):
+    """One pass returns both token sets; each equals the reference's."""
+    model, jm = small
+    ref = reference(model, depth=4)
+    x = np.random.default_rng(3).standard_normal((2, 48, 40, 3)).astype(np.float32)
+    with torch.no_grad():
+        fg, fo = ref.model.visual(to_torch(x))
+    vit = VisionTransformer(jm.config.vision, jm.config.embed_dim)
+    with jax.default_matmul_precision("highest"):
+        out = gem_lib.vision_tokens(vit, jm.params["visual"], x, gem_lib.GEMOptions(layers=3))
+    scale = np.abs(fg.numpy()).max()
+    assert np.abs(np.asarray(out["gem"]) - fg.numpy()).max() <= 1e-5 * scale
+    assert np.abs(np.asarray(out["clip"]) - fo.numpy()).max() <= 1e-5 * scale
+    assert np.abs(fg.numpy() - fo.numpy()).max() > 1e-2
+
+
+def test_batched_forward_with_ragged_prompts(small):
+    model, jm = small
+    prompts = [["cat", "dog", "car"], ["a boxer"], ["tree", "cat"]]
+    images = [random_image(48, 48, s) for s in range(3)]
+    ref = reference(model, depth=4)
+    x = to_torch(np.stack([pixels_of(im, (48, 48)) for im in images]))
+    with torch.no_grad():
+        raw = [r.numpy() / 100.0 for r in ref.batched_forward(x, prompts, normalize=False)]
+        heat = [r.numpy() for r in ref.batched_forward(x, prompts, normalize=True)]
+    with jax.default_matmul_precision("highest"):
+        out = GEM(jm, layers=3, size=48).heatmaps(images, prompts)
+    assert isinstance(out.logits, list) and [o.shape[0] for o in out.logits] == [3, 1, 2]
+    for mine, theirs in zip(out.logits, raw):
+        assert np.abs(mine - theirs).max() <= LOGIT_TOL
+    for mine, theirs in zip(out.heatmaps, heat):
+        assert np.abs(mine - theirs).max() <= HEATMAP_TOL
+
+
+def test_vit_b32_non_square_iterations_and_fixed_temperature():
+    model = openclip_named("ViT-B-32-quickgelu", seed=1)
+    jm = twin(model, quick_gelu=True)
+    raw, heat, out = run_both(model, jm, random_image(300, 480, 2), ["cat", "vehicle registration plate"],
+                              (320, 480), layers=6, iterations=2, temperature=0.1)
+    assert out.logits.shape == (1, 2, 320, 480)
+    assert np.abs(out.logits - raw).max() <= LOGIT_TOL
+    assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
+
+
+@pytest.mark.slow
+def test_vit_b16_full_size_448():
+    model = openclip_named("ViT-B-16", seed=2)
+    jm = twin(model, quick_gelu=False)
+    raw, heat, out = run_both(model, jm, random_image(500, 375, 4), ["cat", "a boxer", "sky"], (448, 448), layers=6)
+    assert out.logits.shape == (1, 3, 448, 448)
+    assert np.abs(out.logits - raw).max() <= LOGIT_TOL
+    assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
