@@ -61,14 +61,21 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the full usage stays behind --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gem-jax",
         description="GEM (Grounding Everything Module) in JAX: open-vocabulary heatmaps and segmentation "
                     "from a pretrained CLIP, without training.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # Accepted after the command too; SUPPRESS keeps the top-level value when absent.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
@@ -113,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
                       help="needed when the checkpoint does not say (bare safetensors files)")
     conv.add_argument("--force", action="store_true", help="replace an existing output directory")
+    from gem_jax.eval import command as eval_command
+
+    _add_cache_flags(eval_command.add_parser(sub, parents=[common]))
     return parser
 
 
@@ -338,21 +348,32 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert}
+def cmd_eval(args) -> int:
+    from gem_jax.eval import command as eval_command
+
+    if not args.no_compile_cache:
+        enable_compile_cache(args.compile_cache)
+    return eval_command.run(args)  # prints its own one-line errors and picks the exit status
+
+
+COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        parser.print_usage(sys.stderr)
+        print("gem-jax: error: give a command: segment, models, convert or eval (see gem-jax --help)",
+              file=sys.stderr)
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
         if args.debug:
             traceback.print_exc()
-        parser.exit(EXIT_USAGE, f"gem-jax {args.command}: error: {e}\n")
+        print(f"gem-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except RuntimeFailure as e:
         if args.debug:
             traceback.print_exc()

@@ -169,7 +169,7 @@ class GEM:
         self.method = method
         self.options = gem_lib.GEMOptions(layers=layers, iterations=iterations, temperature=temperature,
                                           projections=tuple(projections), normalize=normalize, mlp=mlp)
-        if self.options.layers > model.config.vision.layers:
+        if method == "gem" and self.options.layers > model.config.vision.layers:
             raise ValueError(f"layers={layers} exceeds the model's {model.config.vision.layers} vision blocks")
         self.size, self.short_side = size, short_side
         preprocess.target_size(224, 224, size=size, short_side=short_side,

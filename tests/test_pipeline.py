@@ -126,7 +126,7 @@ def test_labels_from_logits_hand_case():
     logits[1, 0] = [0.0, 0.10, 0.001]
     # 100 * 0.1 = 10 nats apart: p ~ 0.99995; 0.1 nat apart: p ~ 0.525 -> background at 0.85
     np.testing.assert_array_equal(labels_from_logits(logits, 0.85), [[1, 2, 0]])
-    np.testing.assert_array_equal(labels_from_logits(logits, None), [[1, 2, 1]])
+    np.testing.assert_array_equal(labels_from_logits(logits, None), [[1, 2, 2]])
 
 
 def test_plain_clip_method_differs_from_gem(model):
