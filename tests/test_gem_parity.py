@@ -133,3 +133,54 @@ def test_vit_b16_full_size_448():
     assert out.logits.shape == (1, 3, 448, 448)
     assert np.abs(out.logits - raw).max() <= LOGIT_TOL
     assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
+
+
+def openclip_state_as_transformers(state, n_vision: int, n_text: int) -> dict:
+    """An open_clip state dict renamed and split into transformers' CLIPModel layout by hand."""
+    out = {
+        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        "visual_projection.weight": state["visual.proj"].T,
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_projection.weight": state["text_projection"].T,
+        "logit_scale": state["logit_scale"],
+    }
+    for a, b in [("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                 ("ln_final", "text_model.final_layer_norm")]:
+        for p in ("weight", "bias"):
+            out[f"{b}.{p}"] = state[f"{a}.{p}"]
+    for src, dst, n in [("visual.transformer", "vision_model", n_vision), ("transformer", "text_model", n_text)]:
+        for i in range(n):
+            s, t = f"{src}.resblocks.{i}", f"{dst}.encoder.layers.{i}"
+            for p in ("weight", "bias"):
+                for x, part in zip("qkv", state[f"{s}.attn.in_proj_{p}"].chunk(3)):
+                    out[f"{t}.self_attn.{x}_proj.{p}"] = part
+                for a, b in [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]:
+                    out[f"{t}.{b}.{p}"] = state[f"{s}.{a}.{p}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_transformers_layout_checkpoint_of_the_same_weights(tmp_path):
+    """The reference on open_clip weights = gem-jax loading them converted to transformers' layout."""
+    from transformers import CLIPConfig, CLIPModel
+
+    import gem_jax
+
+    model = openclip_model(dict(layers=4, width=128, patch_size=8, image_size=32, head_width=32), seed=5)
+    hf = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407),
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
+                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
+        projection_dim=64))
+    hf.load_state_dict(openclip_state_as_transformers(model.state_dict(), 4, 2), strict=True)
+    hf.save_pretrained(tmp_path / "hf")
+    jm = gem_jax.load(str(tmp_path / "hf"))
+    assert jm.config.vision.activation == "quick_gelu"
+    raw, heat, out = run_both(model, jm, random_image(48, 64, 6), ["cat", "a boxer"], (48, 64), layers=3)
+    assert np.abs(out.logits - raw).max() <= LOGIT_TOL
+    assert np.abs(out.heatmaps - heat).max() <= HEATMAP_TOL
