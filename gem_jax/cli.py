@@ -10,6 +10,8 @@ import sys
 import tempfile
 import traceback
 
+from gem_jax import argtypes
+
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
@@ -21,44 +23,9 @@ class RuntimeFailure(Exception):
     """A well-formed command that could not be carried out: exit status 1."""
 
 
-def _size(text: str):
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 448 or 320x480), got {text!r}")
-    h = int(m.group(1))
-    return h if m.group(2) is None else (h, int(m.group(2)))
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
 
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,27 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-p", "--prompt", dest="prompts", action="extend", nargs="+", default=[], metavar="PROMPT",
                      help="text to localise; repeat or list several")
     seg.add_argument("--classes", nargs="+", metavar="CLASS", help="class names for a label map")
-    seg.add_argument("--background-threshold", type=_probability, default=0.85,
+    seg.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
                      help="with --classes: pixels whose top class probability is below this are background "
                           "(default 0.85)")
     seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                    "(default ViT-B/16:openai)")
     seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
-    seg.add_argument("--gem-layers", type=_positive_int, default=6, help="last blocks with the GEM path (6)")
-    seg.add_argument("--iterations", type=_nonneg_int, default=1, help="self-self attention iterations (1)")
-    seg.add_argument("--temperature", type=_positive_float, default=None,
+    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
+    seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
+    seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
                      help="the paper's tau; default: adaptive")
     seg.add_argument("--template", default="a photo of a {}.",
                      help="prompt template with {} ('imagenet' for the 80-template ensemble)")
     size = seg.add_mutually_exclusive_group()
-    size.add_argument("--size", type=_size, default=None, help="model input size: N or HxW (default 448)")
-    size.add_argument("--short-side", type=_positive_int, default=None,
+    size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
+    size.add_argument("--short-side", type=argtypes.positive_int, default=None,
                       help="resize the shorter side to this, keeping the aspect")
     seg.add_argument("--out", default="gem_out", help="output directory (default ./gem_out)")
     seg.add_argument("--save-logits", metavar="FILE.npz", default=None,
                      help="also save raw cosine logits, heatmaps and prompts")
     seg.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays (jet)")
-    seg.add_argument("--alpha", type=_probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
+    seg.add_argument("--alpha", type=argtypes.probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
     seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     seg.add_argument("--force", action="store_true", help="overwrite existing output files")
     _add_cache_flags(seg)

@@ -8,32 +8,14 @@ import pathlib
 import sys
 import traceback
 
+from gem_jax import argtypes
 from gem_jax.eval.datasets import READERS
 from gem_jax.eval.protocols import PROTOCOLS
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
 
-
-def _nonneg_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
 
 
 def _projections(text: str) -> tuple[str, ...]:
@@ -58,14 +40,14 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    help="gem: the paper's (short side 448, one template); sclip: short side 336, 224 crops "
                         "stride 112, 80 templates (default gem)")
     p.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
-    p.add_argument("--gem-layers", type=_positive_int, default=6, help="last blocks with the GEM path (6)")
-    p.add_argument("--iterations", type=_nonneg_int, default=1, help="self-self attention iterations (1)")
-    p.add_argument("--temperature", type=_positive_float, default=None, help="the paper's tau; default adaptive")
+    p.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
+    p.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
+    p.add_argument("--temperature", type=argtypes.positive_float, default=None, help="the paper's tau; default adaptive")
     p.add_argument("--projections", type=_projections, default=("q", "k", "v"),
                    help="self-self projections to ensemble, letters of qkv (default qkv; Table 1)")
     p.add_argument("--no-norm", action="store_true",
                    help="without L2 normalisation and adaptive temperature (Table 1's first row)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
+    p.add_argument("--limit", type=argtypes.positive_int, default=None, help="evaluate the first N images only")
     p.add_argument("--save-predictions", metavar="DIR", default=None, help="write predicted label maps as PNGs")
     p.add_argument("--out", metavar="FILE.json", default=None, help="results file (default: print the JSON)")
     p.add_argument("--state", metavar="FILE.npz", default=None,
@@ -73,7 +55,7 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an existing state file and start over")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="an unreadable image or annotation stops the run (fail) or is skipped and listed (skip)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per forward pass")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=None, help="images per forward pass")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
