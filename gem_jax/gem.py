@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gem_jax.models.layers import l2_normalize, merge_heads
+from gem_jax.models.layers import l2_normalize, merge_heads, softmax_attention
 from gem_jax.models.vision import VisionTransformer
 
 PROJECTIONS = ("q", "k", "v")
@@ -52,6 +52,66 @@ class GEMOptions:
             raise ValueError(f"projections must be a non-empty subset of {PROJECTIONS}, got {self.projections!r}")
         # Canonical order, so equal options hash equal (they key jit caches).
         object.__setattr__(self, "projections", tuple(p for p in PROJECTIONS if p in projections))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How a forward pass is laid out in time and memory. Never changes what is computed.
+
+    Attributes:
+      head_chunk: at most this many (image, head) pairs have their N x N attention
+        maps built at once (a ``lax.map`` over the rest); ``None`` builds all at once.
+        Bounds memory at large inputs: each pair holds a few N x N float32 maps.
+      image_chunk: at most this many images go through the tower per step (a
+        ``lax.map`` over the batch); ``None`` runs the whole batch at once.
+    """
+
+    head_chunk: int | None = None
+    image_chunk: int | None = None
+
+    def __post_init__(self):
+        for name in ("head_chunk", "image_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+    @classmethod
+    def auto(cls, backend: str | None = None) -> "Schedule":
+        """The schedule that measured fastest on ``backend`` (default: JAX's default).
+
+        On CPU one image at a time with four heads per step keeps the N x N maps in
+        cache (see the README's performance section); accelerators take everything
+        at once.
+        """
+        backend = backend or jax.default_backend()
+        return cls(head_chunk=4, image_chunk=1) if backend == "cpu" else cls()
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def map_heads(fn, chunk: int | None, *arrays):
+    """Applies ``fn`` to (image, head) pairs ``chunk`` at a time.
+
+    Args:
+      fn: maps arrays (G, ...) to one array (G, ...), independently per leading row.
+      chunk: most pairs per step; ``None`` calls ``fn`` once on everything.
+      arrays: (B, H, ...) arrays, or arrays broadcastable to (B, H, 1, ...).
+    Returns:
+      ``fn``'s result, (B, H, ...).
+    """
+    b, h = arrays[0].shape[:2]
+    if chunk is None or chunk >= b * h:
+        return fn(*arrays)
+    g = _largest_divisor(b * h, chunk)
+    flat = []
+    for a in arrays:
+        a = jnp.asarray(a)
+        a = jnp.broadcast_to(a, (b, h) + a.shape[2:]) if a.ndim >= 2 else jnp.broadcast_to(a, (b, h))
+        flat.append(a.reshape(b * h // g, g, *a.shape[2:]))
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(flat))
+    return out.reshape(b, h, *out.shape[2:])
 
 
 def adaptive_inverse_temperature(y, head_dim: int):
@@ -98,19 +158,35 @@ def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = T
     return attend(p, v).astype(v.dtype)
 
 
-def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, want_clip: bool):
+def _attend(blk, q, k, v, head_chunk):
+    """The block's own softmax attention over split heads, chunked over (image, head)."""
+    scale = blk.attn.head_dim ** -0.5
+    return merge_heads(map_heads(lambda q, k, v: softmax_attention(q, k, v, scale), head_chunk, q, k, v))
+
+
+def _block(blk, x, head_chunk):
+    """A whole residual block, as ``blk(x)`` but with chunked attention."""
+    if head_chunk is None:
+        return blk(x)
+    q, k, v = blk.attn.qkv(blk.ln_1(x).astype(blk.dtype))
+    x = x + blk.attn.out(_attend(blk, q, k, v, head_chunk)).astype(x.dtype)
+    return blk.residual_mlp(x)
+
+
+def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, want_clip: bool,
+                     head_chunk: int | None = None):
     """Runs the tower once; returns ``(gem_tokens | None, clip_tokens | None)`` before the head."""
     x = vit.embed(pixels)
     blocks = vit.resblocks
     if opts is None:
         for blk in blocks:
-            x = blk(x)
+            x = _block(blk, x, head_chunk)
         return None, x
     if opts.layers > len(blocks):
         raise ValueError(f"GEM layers={opts.layers} exceeds the model's {len(blocks)} blocks")
     start = len(blocks) - opts.layers
     for blk in blocks[:start]:
-        x = blk(x)
+        x = _block(blk, x, head_chunk)
     g = x
     for i, blk in enumerate(blocks[start:], start):
         y = blk.ln_1(x).astype(vit.dtype)
@@ -118,19 +194,24 @@ def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, wa
         # With only GEM tokens wanted, the last block's original attention and MLP
         # feed nothing: skip them.
         if want_clip or i < len(blocks) - 1:
-            x = x + blk.attn.out(blk.attn.attend(q, k, v)).astype(x.dtype)
+            x = x + blk.attn.out(_attend(blk, q, k, v, head_chunk)).astype(x.dtype)
             x = blk.residual_mlp(x)
         if opts.temperature is not None:
-            inv_temp = 1.0 / float(opts.temperature)
+            inv_temp = jnp.float32(1.0 / float(opts.temperature))
         elif opts.normalize:
             inv_temp = adaptive_inverse_temperature(y, blk.attn.head_dim)
         else:
-            inv_temp = blk.attn.head_dim ** -0.5
+            inv_temp = jnp.float32(blk.attn.head_dim ** -0.5)
+        inv_temp = jnp.broadcast_to(inv_temp, (q.shape[0], 1, 1, 1))
         chosen = {"q": q, "k": k, "v": v}
-        # One call per projection: XLA's CPU dot is much slower on a stacked 5-D batch.
-        ss = [self_self_attention(chosen[name], v, inv_temp, opts.iterations, opts.normalize)
-              for name in opts.projections]
-        out = blk.attn.out(merge_heads(sum(ss) / len(ss)))
+
+        def ensemble(v, inv_temp, *ps):
+            # One call per projection: XLA's CPU dot is much slower on a stacked 5-D batch.
+            ss = [self_self_attention(p, v, inv_temp, opts.iterations, opts.normalize) for p in ps]
+            return sum(ss) / len(ss)
+
+        avg = map_heads(ensemble, head_chunk, v, inv_temp, *(chosen[name] for name in opts.projections))
+        out = blk.attn.out(merge_heads(avg))
         g = g + out.astype(g.dtype)
         if opts.mlp:
             g = blk.residual_mlp(g)
@@ -138,7 +219,7 @@ def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, wa
 
 
 def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | None = GEMOptions(),
-                  want_clip: bool = True):
+                  want_clip: bool = True, schedule: Schedule = Schedule()):
     """One forward pass of the image tower with the GEM path beside its last blocks.
 
     Args:
@@ -147,15 +228,24 @@ def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | Non
       pixels: (B, H, W, 3) normalised pixels, H and W multiples of the patch size.
       opts: GEM options, or ``None`` for plain CLIP only.
       want_clip: also return the plain CLIP tokens.
+      schedule: how the pass is laid out (:class:`Schedule`); results do not depend on it.
     Returns:
       ``{"gem": (B, 1 + h*w, D) | None, "clip": (B, 1 + h*w, D) | None}``, all tokens
       after ``ln_post @ proj`` (class token first).
     """
     def run(module, pixels):
-        g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None)
+        g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None, schedule.head_chunk)
         return {"gem": None if g is None else module.head(g), "clip": None if x is None else module.head(x)}
 
-    return nn.apply(run, vit)({"params": params}, pixels)
+    apply = nn.apply(run, vit)
+    b = pixels.shape[0]
+    if schedule.image_chunk is None or schedule.image_chunk >= b:
+        return apply({"params": params}, pixels)
+    # Images are independent: a loop over chunks of the batch keeps each step's
+    # N x N maps in cache, where one wide step spills them.
+    c = _largest_divisor(b, schedule.image_chunk)
+    out = jax.lax.map(lambda px: apply({"params": params}, px), pixels.reshape(b // c, c, *pixels.shape[1:]))
+    return jax.tree_util.tree_map(lambda t: t.reshape(b, *t.shape[2:]), out)
 
 
 def patch_logits(tokens, text, grid: tuple[int, int]):

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gem_jax import gem as gem_lib
 from gem_jax import preprocess
@@ -152,13 +154,18 @@ class GEM:
       batch_size: most images per forward pass.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (LayerNorm, softmax and
         normalisation stay float32).
+      schedule: a :class:`gem_jax.gem.Schedule` (chunking over images and heads; it
+        never changes results), or ``"auto"`` for the fastest measured on this backend.
+      devices: devices to spread image batches over (a ``jax.make_mesh`` data axis:
+        images sharded, parameters and text replicated); default all local devices.
     """
 
     def __init__(self, model: Model, *, method: str = "gem", layers: int = 6, iterations: int = 1,
                  temperature: float | None = None, projections: Sequence[str] = gem_lib.PROJECTIONS,
                  normalize: bool = True, mlp: bool = False, size: int | tuple[int, int] | None = None,
                  short_side: int | None = None, template: str | Sequence[str] = DEFAULT_TEMPLATE,
-                 batch_size: int = 8, dtype: str = "float32"):
+                 batch_size: int = 8, dtype: str = "float32", schedule: gem_lib.Schedule | str = "auto",
+                 devices: Sequence[Any] | None = None):
         if method not in gem_lib.METHODS:
             raise ValueError(f"method must be one of {gem_lib.METHODS}, got {method!r}")
         if dtype not in _DTYPES:
@@ -182,8 +189,24 @@ class GEM:
         self._vit = VisionTransformer(cfg.vision, cfg.embed_dim, dtype=compute)
         self._text = TextTransformer(cfg.text, cfg.embed_dim, dtype=compute)
         self._text_cache: dict[str, np.ndarray] = {}
+        if schedule == "auto":
+            schedule = gem_lib.Schedule.auto()
+        if not isinstance(schedule, gem_lib.Schedule):
+            raise ValueError(f"schedule must be a gem_jax.gem.Schedule or 'auto', got {schedule!r}")
+        self.schedule = schedule
+        devices = list(jax.local_devices() if devices is None else devices)
+        if not devices:
+            raise ValueError("no devices given")
+        self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                                  devices=devices)
+        replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        self._vparams = jax.device_put(model.params["visual"], replicated)
         opts = self.options if method == "gem" else None
-        self._maps = jax.jit(functools.partial(_image_maps, self._vit, opts))
+        # Each device runs the plain single-device program on its share of the batch.
+        per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule), mesh=self.mesh,
+                                   in_specs=(P(), P("data"), P("data"), P("data")),
+                                   out_specs=(P("data"), P("data")))
+        self._maps = jax.jit(per_device, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
         self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
 
     @staticmethod
@@ -260,7 +283,8 @@ class GEM:
         for hw, members in by_size.items():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start:start + self.batch_size]
-                b = _bucket(len(idx), 1)
+                n_dev = len(self.mesh.devices.flat)
+                b = -(-_bucket(len(idx), 1) // n_dev) * n_dev  # whole shards per device
                 pixels = np.zeros((b, *hw, 3), np.float32)
                 text = np.zeros((b, p_bucket, dim), np.float32)
                 mask = np.zeros((b, p_bucket), bool)
@@ -268,7 +292,7 @@ class GEM:
                     pixels[row] = preprocess.normalize(preprocess.resize(images[i], hw))
                     text[row, :len(sets[i])] = [table[p] for p in sets[i]]
                     mask[row, :len(sets[i])] = True
-                lg, hm = jax.device_get(self._maps(self.model.params["visual"], pixels, text, mask))
+                lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
                 for row, i in enumerate(idx):
                     logits[i] = lg[row, :len(sets[i])]
                     heat[i] = hm[row, :len(sets[i])]
@@ -308,11 +332,11 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     return labels
 
 
-def _image_maps(vit, opts, params, pixels, text, mask):
+def _image_maps(vit, opts, schedule, params, pixels, text, mask):
     """(B, H, W, 3) pixels and per-image text sets (B, P, D) with validity mask (B, P)
     -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero."""
     grid = vit.grid_shape(pixels)
-    tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None)
+    tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None, schedule=schedule)
     tokens = tokens["gem"] if opts is not None else tokens["clip"]
 
     def one_image(tok, txt, valid):

@@ -1,0 +1,187 @@
+"""Schedules (chunking over images and heads) and data-parallel sharding never change results."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gem_jax import gem as gem_lib
+from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+from gem_jax.models import VisionTransformer, init_params
+from gem_jax.pipeline import GEM, Model
+from gem_jax.tokenizer import Tokenizer
+
+# Three heads, so chunks of 2 or 4 (image, head) pairs do not line up with images.
+SMALL = CLIPConfig(
+    vision=VisionConfig(image_size=32, patch_size=8, width=96, layers=4, heads=3),
+    text=TextConfig(width=32, layers=1, heads=2),
+    embed_dim=32,
+)
+
+
+def sharpened(params):
+    """Scales the attention input projections up so attention maps are far from uniform."""
+    def f(path, x):
+        names = [getattr(k, "key", "") for k in path]
+        return x * 3.0 if "in_proj" in names and names[-1] == "kernel" else x
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = sharpened(init_params(SMALL, seed=3))
+    vit = VisionTransformer(SMALL.vision, SMALL.embed_dim)
+    pixels = jnp.asarray(np.random.default_rng(0).standard_normal((4, 40, 48, 3)), jnp.float32)
+    return vit, params, pixels
+
+
+SCHEDULES = [
+    gem_lib.Schedule(head_chunk=1),
+    gem_lib.Schedule(head_chunk=2),
+    gem_lib.Schedule(head_chunk=4),  # 12 pairs: chunks of 4 span images
+    gem_lib.Schedule(image_chunk=1),
+    gem_lib.Schedule(image_chunk=3),  # largest divisor of 4 below 3: chunks of 2
+    gem_lib.Schedule(head_chunk=4, image_chunk=1),
+]
+OPTIONS = [
+    gem_lib.GEMOptions(layers=2),
+    gem_lib.GEMOptions(layers=3, iterations=2, projections=("k", "v")),
+    gem_lib.GEMOptions(layers=2, temperature=0.2, mlp=True),
+    gem_lib.GEMOptions(layers=2, normalize=False),
+    gem_lib.GEMOptions(layers=2, iterations=6),  # the fori_loop branch
+    None,  # plain CLIP
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "clip" if o is None else f"L{o.layers}-K{o.iterations}")
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"h{s.head_chunk}-i{s.image_chunk}")
+def test_chunked_equals_plain(setup, opts, schedule):
+    vit, params, pixels = setup
+    with jax.default_matmul_precision("highest"):
+        plain = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts))(params["visual"], pixels)
+        chunked = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts, schedule=schedule))(
+            params["visual"], pixels)
+    for key in ("gem", "clip"):
+        if plain[key] is None:
+            assert chunked[key] is None
+            continue
+        a, b = np.asarray(plain[key]), np.asarray(chunked[key])
+        assert a.shape == b.shape == (4, 1 + 5 * 6, SMALL.embed_dim)
+        # Splitting the batch lets XLA's CPU kernels round differently: the plain model
+        # alone gives tokens 8e-5 apart (max 3.9) at batch 1 and batch 4 here.
+        rel = 1e-5 if schedule.image_chunk is None else 1e-4
+        assert np.abs(a - b).max() <= rel * np.abs(a).max()
+        assert np.ptp(a[:, 1:], axis=1).min() > 1e-3  # tokens differ across the grid
+
+
+def largest_intermediate(jaxpr) -> int:
+    """Elements of the largest array any equation makes, sub-computations (scan
+    bodies, pjit) included: what a backend without fused attention must hold."""
+    best = 0
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    best = max(best, largest_intermediate(inner))
+    return best
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_head_chunks_bound_the_attention_maps(chunk):
+    """At 512 x 512 (4097 tokens) the plain path makes all 2 x 3 (image, head) N x N
+    maps at once; chunked, no array is larger than ``chunk`` of them."""
+    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=96, layers=2, heads=3),
+                     text=TextConfig(width=32, layers=1, heads=2), embed_dim=32)
+    vit = VisionTransformer(cfg.vision, cfg.embed_dim)
+    params = jax.eval_shape(lambda: init_params(cfg))["visual"]
+    pixels = jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.float32)
+    n_n = 4097 ** 2
+
+    def biggest(schedule):
+        def f(p, x):
+            return gem_lib.vision_tokens(vit, p, x, gem_lib.GEMOptions(layers=1), True, schedule)
+        return largest_intermediate(jax.make_jaxpr(f)(params, pixels).jaxpr)
+
+    assert biggest(gem_lib.Schedule()) == 2 * 3 * n_n
+    assert biggest(gem_lib.Schedule(head_chunk=chunk)) == chunk * n_n
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_schedule_rejects_bad_chunks(bad):
+    with pytest.raises(ValueError, match="head_chunk"):
+        gem_lib.Schedule(head_chunk=bad)
+    with pytest.raises(ValueError, match="image_chunk"):
+        gem_lib.Schedule(image_chunk=bad)
+
+
+def test_auto_schedule_per_backend():
+    assert gem_lib.Schedule.auto("cpu") == gem_lib.Schedule(head_chunk=4, image_chunk=1)
+    assert gem_lib.Schedule.auto("gpu") == gem_lib.Schedule() == gem_lib.Schedule.auto("tpu")
+
+
+def test_gem_rejects_a_bad_schedule_and_no_devices():
+    model = Model(SMALL, init_params(SMALL), Tokenizer.default(), "small")
+    with pytest.raises(ValueError, match="schedule"):
+        GEM(model, layers=2, schedule="fast")
+    with pytest.raises(ValueError, match="devices"):
+        GEM(model, layers=2, devices=[])
+
+
+SHARDED_RUN = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from gem_jax.config import CLIPConfig
+    from gem_jax.models import init_params
+    from gem_jax.pipeline import GEM, Model
+    from gem_jax.tokenizer import Tokenizer
+    from test_schedule import SMALL, sharpened, images, PROMPTS
+
+    assert jax.device_count() == 4, jax.devices()
+    model = Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small")
+    out = {}
+    for name, devices in (("four", jax.devices()), ("one", jax.devices()[:1])):
+        with jax.default_matmul_precision("highest"):
+            g = GEM(model, layers=2, size=(32, 40), batch_size=8, devices=devices)
+            res = g.heatmaps(images(), PROMPTS)
+        out[name] = [np.asarray(x).tolist() for x in res.logits]
+        out[name + "_sharding"] = str(g._vparams["conv1"]["kernel"].sharding)
+    json.dump(out, sys.stdout)
+""")
+PROMPTS = [["cat", "dog"], ["car"], ["tree", "sky", "road"], ["cat"], ["dog", "car"]]
+
+
+def images():
+    return [np.random.default_rng(s).integers(0, 256, (30 + 3 * s, 44, 3), dtype=np.uint8) for s in range(5)]
+
+
+def test_four_devices_equal_one():
+    """Five images over a 4-device data mesh (padded to 8, two per device) give the
+    single-device results; the subprocess has 4 host CPU devices from XLA_FLAGS."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert "4" in out["four_sharding"] or "replicated" in out["four_sharding"].lower()
+    with jax.default_matmul_precision("highest"):
+        here = GEM(Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small"), layers=2,
+                   size=(32, 40), batch_size=8).heatmaps(images(), PROMPTS).logits
+    assert len(out["four"]) == len(out["one"]) == len(here) == 5
+    for four, one, local, prompts in zip(out["four"], out["one"], here, PROMPTS):
+        four, one = np.asarray(four), np.asarray(one)
+        assert four.shape == one.shape == local.shape == (len(prompts), 32, 40)
+        np.testing.assert_allclose(four, one, atol=1e-6)
+        np.testing.assert_allclose(four, local, atol=1e-6)
+        assert np.ptp(four) > 1e-3
