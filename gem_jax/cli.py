@@ -90,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     from gem_jax.eval import command as eval_command
 
     _add_cache_flags(eval_command.add_parser(sub, parents=[common]))
+
+    bench = sub.add_parser("bench", parents=[common], help="time gem-jax (and the reference) on random weights",
+                           description="Times gem-jax and, with --reference, gem-torch alternately on identical "
+                                       "random weights, pixels and text embeddings; prints a table and "
+                                       "writes JSON.")
+    bench.add_argument("--arch", default="ViT-B-16", help="architecture (ViT-B-16)")
+    bench.add_argument("--size", type=argtypes.size, default=448, help="input size N or HxW (448)")
+    bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
+    bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=[1, 8, 64],
+                       help="prompt counts (1 8 64)")
+    bench.add_argument("--rounds", type=argtypes.positive_int, default=5, help="timed rounds per case (5)")
+    bench.add_argument("--reference", action="store_true", help="also time gem-torch (needs the test extra)")
+    bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                       help="gem-jax compute dtypes; later ones report their difference from the first")
+    bench.add_argument("--head-chunk", type=argtypes.positive_int, default=None,
+                       help="(image, head) pairs per attention step (default: the backend's best)")
+    bench.add_argument("--image-chunk", type=argtypes.positive_int, default=None,
+                       help="images per step through the tower (default: the backend's best)")
+    bench.add_argument("--no-chunks", action="store_true", help="whole batch and all heads at once")
+    bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    bench.add_argument("--force", action="store_true", help="overwrite --out")
     return parser
 
 
@@ -323,7 +344,41 @@ def cmd_eval(args) -> int:
     return eval_command.run(args)  # prints its own one-line errors and picks the exit status
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval}
+def cmd_bench(args) -> int:
+    import dataclasses
+
+    from gem_jax import bench, config
+    from gem_jax import gem as gem_lib
+
+    try:
+        config.architecture(args.arch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = pathlib.Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
+    if args.no_chunks and (args.head_chunk or args.image_chunk):
+        raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
+    schedule = gem_lib.Schedule() if args.no_chunks else gem_lib.Schedule.auto()
+    if args.head_chunk or args.image_chunk:
+        schedule = dataclasses.replace(schedule, **{k: v for k, v in (("head_chunk", args.head_chunk),
+                                                                      ("image_chunk", args.image_chunk)) if v})
+    try:
+        result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
+                           args.dtype, schedule)
+    except RuntimeError as e:
+        raise RuntimeFailure(str(e)) from None
+    print(bench.format_table(result))
+    if out is not None:
+        from gem_jax.eval.runner import write_json
+
+        write_json(out, result)
+        print(f"wrote {out}")
+    return EXIT_OK
+
+
+COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
@@ -331,7 +386,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("gem-jax: error: give a command: segment, models, convert or eval (see gem-jax --help)",
+        print("gem-jax: error: give a command: segment, models, convert, eval or bench (see gem-jax --help)",
               file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -1,0 +1,323 @@
+"""Side-by-side benchmark of gem-jax and the reference ``gem-torch`` on identical weights.
+
+``gem-jax bench`` runs :func:`run` and prints :func:`format_table`. Both implementations
+get the same random weights, the same normalised pixels and the same text embeddings
+(text encoding is left out of the timing for both), and produce min-max heatmaps at
+the input size. Calls alternate (gem-jax, reference, gem-jax, ...) after warm-up and
+compilation so that drift in a noisy machine hits both alike; the median time per
+call is reported, with the fastest beside it.
+
+Achieved GFLOP/s divides the analytic count of :func:`count_flops` (the work GEM needs,
+the same number for both implementations) by the median time, and is compared with
+the float32 matmul peak measured in the same process (:func:`matmul_peak`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gem_jax import gem as gem_lib
+from gem_jax.config import CLIPConfig, architecture
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """The fastest float32 ``jnp.dot`` of two (n, n) matrices, in GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_flops(config: CLIPConfig, size: tuple[int, int], opts: gem_lib.GEMOptions, prompts: int) -> dict:
+    """Multiply-adds x 2 of one image's GEM heatmaps, by part (GFLOP).
+
+    Counts matrix products only (elementwise work, softmax and LayerNorm are small
+    beside them): patch embedding, the blocks before the GEM path, the blocks beside
+    it (their q/k/v projections, original attention and MLP, except the last block's
+    attention output and MLP, which GEM does not use), the self-self attention
+    (``iterations + 1`` attentions of two N x N products per projection) with its output
+    projection, ``ln_post @ proj``, the text similarity and the bilinear upsampling.
+    """
+    v = config.vision
+    p = v.patch_size
+    h, w = size[0] // p, size[1] // p
+    n, c, m, d = 1 + h * w, v.width, v.mlp_width, config.embed_dim
+    qkv, attn, out, mlp = 2 * n * c * 3 * c, 2 * 2 * n * n * c, 2 * n * c * c, 2 * 2 * n * c * m
+    start = v.layers - opts.layers
+    parts = {
+        "patch_embed": 2 * h * w * c * 3 * p * p,
+        "blocks": start * (qkv + attn + out + mlp),
+        "gem_blocks_original": opts.layers * qkv + (opts.layers - 1) * (attn + out + mlp),
+        "self_self_attention": opts.layers * (len(opts.projections) * (opts.iterations + 1) * attn + out
+                                              + (mlp if opts.mlp else 0)),
+        "head": 2 * n * c * d,
+        "similarity": 2 * h * w * d * prompts,
+        "upsample": 2 * prompts * (size[0] * h * w + size[0] * w * size[1]),
+    }
+    parts = {k: x / 1e9 for k, x in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+class _PeakRSS:
+    """Highest resident set size while the block runs, above what it was before (bytes).
+
+    Sampled every 2 ms from ``/proc/self/statm``; ``None`` where that does not exist.
+    """
+
+    def __init__(self):
+        self.peak: int | None = None
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        self._base = self._rss()
+        self._max = self._base
+        self._stop = threading.Event()
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            r = self._rss()
+            if r is not None and r > self._max:
+                self._max = r
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._base is not None:
+            self._thread.join()
+            self._max = max(self._max, self._rss() or 0)
+            self.peak = self._max - self._base
+        return False
+
+
+@dataclasses.dataclass
+class _Runner:
+    name: str
+    call: Callable[[], Any]
+    compile_s: float | None = None
+    xla_bytes: int | None = None
+    times: list = dataclasses.field(default_factory=list)
+    rss: int = 0
+
+    def timed(self):
+        with _PeakRSS() as mem:
+            t = time.perf_counter()
+            out = self.call()
+            self.times.append(time.perf_counter() - t)
+        if mem.peak is not None:
+            self.rss = max(self.rss, mem.peak)
+        return out
+
+
+def _jax_runner(model, size, batch, text, opts, dtype, schedule) -> tuple[_Runner, Callable]:
+    from gem_jax.pipeline import GEM
+
+    g = GEM(model, layers=opts.layers, iterations=opts.iterations, temperature=opts.temperature,
+            size=size, batch_size=batch, dtype=dtype, schedule=schedule)
+    pixels, emb = text["pixels"], text["jax"]
+    mask = np.ones(emb.shape[:2], bool)
+    t = time.perf_counter()
+    compiled = g._maps.lower(g._vparams, pixels, emb, mask).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    xla_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                             + mem.output_size_in_bytes)
+
+    def call():
+        return jax.device_get(compiled(g._vparams, pixels, emb, mask))
+
+    return _Runner(f"gem-jax {dtype}", call, compile_s, xla_bytes), lambda out: out[1]
+
+
+def _reference_runner(torch_model, opts, text) -> tuple[_Runner, Callable]:
+    import copy
+
+    import torch
+    from gem.gem_wrapper import GEMWrapper
+
+    ref = GEMWrapper(copy.deepcopy(torch_model), tokenizer=None, depth=opts.layers + 1,
+                     ss_attn_iter=opts.iterations,
+                     ss_attn_temp=None if opts.temperature is None else 1.0 / opts.temperature)
+    emb = torch.from_numpy(text["torch"])
+    ref.encode_text = lambda prompts: emb  # the same embeddings, and no text tower in the timing
+    x = torch.from_numpy(np.ascontiguousarray(text["pixels"].transpose(0, 3, 1, 2)))
+    prompts = [""] * emb.shape[1]
+
+    def call():
+        with torch.inference_mode():
+            return ref(x, prompts, normalize=True)
+
+    return _Runner("reference gem-torch", call), lambda out: out.numpy()
+
+
+def _reference_model(arch: str, config: CLIPConfig):
+    """A random open_clip CLIP of ``arch`` and the same weights as gem-jax parameters."""
+    import open_clip
+    import torch
+
+    from gem_jax.checkpoints.layouts import params_from_openclip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None,
+                                   force_quick_gelu=config.vision.activation == "quick_gelu").eval()
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return model, jax.tree_util.tree_map(jnp.asarray, params_from_openclip(sd, config))
+
+
+def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequence[int] = (1, 4),
+        prompts: Sequence[int] = (1, 8, 64), rounds: int = 5, reference: bool = False,
+        dtypes: Sequence[str] = ("float32",), schedule: gem_lib.Schedule | str = "auto",
+        opts: gem_lib.GEMOptions = gem_lib.GEMOptions(), progress: bool = True) -> dict:
+    """Benchmarks every (batch, prompt count) case; returns a JSON-ready dict.
+
+    Args:
+      arch: a standard architecture name (random weights: speed does not depend on them).
+      size: input size, int or (H, W).
+      batches, prompts: the cases.
+      rounds: timed calls per implementation and case, alternating.
+      reference: also time ``gem-torch`` (needs the ``test`` extra's packages).
+      dtypes: gem-jax compute dtypes; each after the first also reports the max abs
+        difference of its heatmaps from the first's.
+      schedule: gem-jax's :class:`~gem_jax.gem.Schedule` or ``"auto"``.
+      opts: GEM options.
+      progress: print a line per measurement to stderr.
+    """
+    import sys
+
+    from gem_jax.pipeline import Model
+    from gem_jax.tokenizer import Tokenizer
+
+    def say(msg):
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    config = architecture(arch)
+    torch_model = None
+    if reference:
+        try:
+            import gem.gem_wrapper  # noqa: F401
+            import open_clip  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"--reference needs gem-torch and open_clip_torch ({e}); "
+                               'install them with: pip install -e ".[test]"') from None
+        say(f"building the reference {arch} and copying its random weights")
+        torch_model, params = _reference_model(arch, config)
+    else:
+        from gem_jax.models import init_params
+
+        params = init_params(config)
+    model = Model(config, params, Tokenizer.default(config.text.context_length), f"random {arch}")
+    if schedule == "auto":
+        schedule = gem_lib.Schedule.auto()
+
+    say("measuring the float32 matmul peak")
+    peak = matmul_peak()
+    result = {
+        "arch": arch, "size": list(hw), "gem_options": dataclasses.asdict(opts),
+        "schedule": dataclasses.asdict(schedule), "rounds": rounds,
+        "matmul_peak_gflops": peak,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "cases": [],
+    }
+    if reference:
+        import torch
+
+        result["machine"]["torch"] = torch.__version__
+        result["machine"]["torch_threads"] = torch.get_num_threads()
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        for n_prompts in prompts:
+            flops = count_flops(config, hw, opts, n_prompts)
+            emb = rng.standard_normal((n_prompts, config.embed_dim)).astype(np.float32)
+            emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+            data = {"pixels": rng.standard_normal((batch, *hw, 3)).astype(np.float32),
+                    "jax": np.broadcast_to(emb, (batch, *emb.shape)).copy(), "torch": emb[None]}
+            runners = []
+            for dtype in dtypes:
+                say(f"batch {batch}, {n_prompts} prompts: compiling gem-jax {dtype}")
+                runners.append(_jax_runner(model, hw, batch, data, opts, dtype, schedule))
+            if reference:
+                runners.append(_reference_runner(torch_model, opts, data))
+            outputs = [heat(r.timed()) for r, heat in runners]  # warm-up
+            for i in range(rounds):
+                for r, _ in runners:
+                    r.timed()
+                say(f"batch {batch}, {n_prompts} prompts: round {i + 1}/{rounds}: "
+                    + ", ".join(f"{r.name} {r.times[-1]:.2f} s" for r, _ in runners))
+            case = {"batch": batch, "prompts": n_prompts, "gflop_per_image": flops, "results": []}
+            for (r, _), out in zip(runners, outputs):
+                timed = r.times[1:]
+                median = statistics.median(timed)
+                entry = {
+                    "name": r.name, "images_per_s": batch / median, "images_per_s_best": batch / min(timed),
+                    "median_s": median, "times_s": timed,
+                    "gflops": flops["total"] * batch / median,
+                    "fraction_of_peak": flops["total"] * batch / median / peak,
+                    "compile_s": r.compile_s, "xla_memory_bytes": r.xla_bytes, "peak_rss_increase_bytes": r.rss,
+                    "max_abs_diff_vs_first": float(np.abs(np.asarray(out, np.float32)
+                                                          - np.asarray(outputs[0], np.float32)).max()),
+                }
+                case["results"].append(entry)
+            if reference:
+                ref = case["results"][-1]["images_per_s"]
+                for entry in case["results"][:-1]:
+                    entry["ratio_vs_reference"] = entry["images_per_s"] / ref
+            result["cases"].append(case)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of :func:`run`'s result."""
+    lines = [
+        f"{result['arch']} at {result['size'][0]}x{result['size'][1]}, {result['rounds']} alternating rounds; "
+        f"float32 matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s; "
+        f"{result['machine']['processor']}, {result['machine']['cpu_count']} CPUs, jax {result['machine']['jax']}"
+        + (f", torch {result['machine']['torch']}" if "torch" in result["machine"] else ""),
+        "",
+        "| batch | prompts | implementation | images/s (median) | best | vs reference | GFLOP/s | of peak "
+        "| compile s | XLA memory MB | peak RSS +MB | max diff vs first |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    mb = lambda b: "" if b is None else f"{b / 2 ** 20:.0f}"  # noqa: E731
+    for case in result["cases"]:
+        for e in case["results"]:
+            ratio = e.get("ratio_vs_reference")
+            ratio = "" if ratio is None else f"{ratio:.2f}x"
+            compile_s = "" if e["compile_s"] is None else f"{e['compile_s']:.1f}"
+            lines.append(
+                f"| {case['batch']} | {case['prompts']} | {e['name']} | {e['images_per_s']:.3f} "
+                f"| {e['images_per_s_best']:.3f} | {ratio} "
+                f"| {e['gflops']:.0f} | {100 * e['fraction_of_peak']:.0f}% "
+                f"| {compile_s} | {mb(e['xla_memory_bytes'])} "
+                f"| {mb(e['peak_rss_increase_bytes'])} | {e['max_abs_diff_vs_first']:.1e} |")
+    return "\n".join(lines)
