@@ -121,6 +121,39 @@ def adaptive_inverse_temperature(y, head_dim: int):
     return (jnp.mean(norms, axis=-1) * head_dim ** -0.5)[:, None, None, None]
 
 
+def _numerators(x, inv_temp, normalize: bool):
+    """``(e, x')`` with ``softmax(x' x'^T / tau) = e / rowsum(e)``; ``x'`` is ``x``
+    L2-normalised (``normalize``) or as float32."""
+    if normalize:
+        x = l2_normalize(x)
+        # Cosines are at most 1 (the diagonal), so exp((cos - 1) / tau) is the
+        # softmax numerator already shifted by its row maximum: no max pass needed.
+        return jnp.exp((jnp.einsum("...nd,...md->...nm", x, x) - 1.0) * inv_temp), x
+    x = x.astype(jnp.float32)
+    logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
+    return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), x
+
+
+def _weighted(e, values):
+    """``(e / rowsum(e)) @ values``, normalising the (N, d) product instead of the (N, N) weights."""
+    out = jnp.einsum("...nm,...md->...nd", e.astype(values.dtype), values)
+    return out / jnp.sum(e, axis=-1, keepdims=True).astype(out.dtype)
+
+
+def _iterate(p, inv_temp, iterations: int, normalize: bool):
+    """K steps of ``p <- softmax(p p^T / tau) p`` (eq. 6), in float32."""
+    def step(_, x):
+        e, x = _numerators(x, inv_temp, normalize)
+        return _weighted(e, x)
+
+    p = p.astype(jnp.float32)
+    if iterations <= 4:  # unrolled: lets XLA fuse across steps
+        for i in range(iterations):
+            p = step(i, p)
+        return p
+    return jax.lax.fori_loop(0, iterations, step, p)
+
+
 def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = True):
     """Paper eqs. 5-7: iterate ``p <- softmax(p p^T / tau) p`` (on L2-normalised p),
     then assign the values: ``softmax(p p^T / tau) v``.
@@ -134,28 +167,8 @@ def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = T
     Returns:
       (..., N, d) in v's dtype.
     """
-    def attend(x, values):
-        if normalize:
-            x = l2_normalize(x)
-            # Cosines are at most 1 (the diagonal), so exp((cos - 1) / tau) is the
-            # softmax numerator already shifted by its row maximum: no max pass needed.
-            e = jnp.exp((jnp.einsum("...nd,...md->...nm", x, x) - 1.0) * inv_temp)
-        else:
-            x = x.astype(jnp.float32)
-            logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
-            e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-        values = x if values is None else values
-        # Normalising the (N, d) product instead of the (N, N) weights: same result, less work.
-        out = jnp.einsum("...nm,...md->...nd", e.astype(values.dtype), values)
-        return out / jnp.sum(e, axis=-1, keepdims=True).astype(out.dtype)
-
-    p = p.astype(jnp.float32)
-    if iterations <= 4:  # unrolled: lets XLA fuse across steps
-        for _ in range(iterations):
-            p = attend(p, None)
-    else:
-        p = jax.lax.fori_loop(0, iterations, lambda _, x: attend(x, None), p)
-    return attend(p, v).astype(v.dtype)
+    e, _ = _numerators(_iterate(p, inv_temp, iterations, normalize), inv_temp, normalize)
+    return _weighted(e, v).astype(v.dtype)
 
 
 def _attend(blk, q, k, v, head_chunk):
