@@ -235,8 +235,8 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
 
         params = init_params(config)
     model = Model(config, params, Tokenizer.default(config.text.context_length), f"random {arch}")
-    if schedule == "auto":
-        schedule = gem_lib.Schedule.auto()
+    grid = (hw[0] // config.vision.patch_size, hw[1] // config.vision.patch_size)
+    schedule = gem_lib.Schedule.resolve(schedule, tokens=grid[0] * grid[1] + 1)
 
     say("measuring the float32 matmul peak")
     peak = matmul_peak()

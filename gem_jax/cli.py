@@ -359,10 +359,13 @@ def cmd_bench(args) -> int:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
-    schedule = gem_lib.Schedule() if args.no_chunks else gem_lib.Schedule.auto()
-    if args.head_chunk or args.image_chunk:
-        schedule = dataclasses.replace(schedule, **{k: v for k, v in (("head_chunk", args.head_chunk),
-                                                                      ("image_chunk", args.image_chunk)) if v})
+    schedule = gem_lib.Schedule() if args.no_chunks else "auto"
+    if args.head_chunk or args.image_chunk:  # overrides the automatic choice on those axes
+        patch = config.architecture(args.arch).vision.patch_size
+        h, w = (args.size, args.size) if isinstance(args.size, int) else args.size
+        schedule = dataclasses.replace(gem_lib.Schedule.auto(tokens=(h // patch) * (w // patch) + 1),
+                                       **{k: v for k, v in (("head_chunk", args.head_chunk),
+                                                            ("image_chunk", args.image_chunk)) if v})
     try:
         result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
                            args.dtype, schedule)

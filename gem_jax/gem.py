@@ -76,15 +76,33 @@ class Schedule:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
     @classmethod
-    def auto(cls, backend: str | None = None) -> "Schedule":
-        """The schedule that measured fastest on ``backend`` (default: JAX's default).
+    def auto(cls, backend: str | None = None, tokens: int | None = None) -> "Schedule":
+        """The schedule that measured fastest on ``backend`` (default: JAX's default)
+        for ``tokens`` tokens per image (default: assume a large input).
 
-        On CPU one image at a time with four heads per step keeps the N x N maps in
-        cache (see the README's performance section); accelerators take everything
-        at once.
+        On CPU, inputs of :data:`CPU_CHUNK_TOKENS` tokens or more go one image at a
+        time with four heads per step, which keeps the N x N maps in cache; smaller
+        inputs, and accelerators, take everything at once (see the README's
+        performance section for the measurements).
         """
         backend = backend or jax.default_backend()
-        return cls(head_chunk=4, image_chunk=1) if backend == "cpu" else cls()
+        if backend == "cpu" and (tokens is None or tokens >= CPU_CHUNK_TOKENS):
+            return cls(head_chunk=4, image_chunk=1)
+        return cls()
+
+    @classmethod
+    def resolve(cls, schedule: "Schedule | str", tokens: int | None = None) -> "Schedule":
+        """``schedule`` itself, or :meth:`auto` for ``tokens`` when it is ``"auto"``."""
+        if isinstance(schedule, Schedule):
+            return schedule
+        if schedule == "auto":
+            return cls.auto(tokens=tokens)
+        raise ValueError(f"schedule must be a gem_jax.gem.Schedule or 'auto', got {schedule!r}")
+
+
+#: On CPU, chunking over heads paid from 401 tokens per image up (ViT-B/16 at 320 and
+#: above) and cost time at 197 tokens and below (ViT-B/16 at 224, ViT-B/32).
+CPU_CHUNK_TOKENS = 256
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -232,7 +250,7 @@ def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, wa
 
 
 def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | None = GEMOptions(),
-                  want_clip: bool = True, schedule: Schedule = Schedule()):
+                  want_clip: bool = True, schedule: Schedule | str = Schedule()):
     """One forward pass of the image tower with the GEM path beside its last blocks.
 
     Args:
@@ -241,11 +259,15 @@ def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | Non
       pixels: (B, H, W, 3) normalised pixels, H and W multiples of the patch size.
       opts: GEM options, or ``None`` for plain CLIP only.
       want_clip: also return the plain CLIP tokens.
-      schedule: how the pass is laid out (:class:`Schedule`); results do not depend on it.
+      schedule: how the pass is laid out (:class:`Schedule`, or ``"auto"`` for
+        :meth:`Schedule.auto` at this input's token count); results do not depend on it.
     Returns:
       ``{"gem": (B, 1 + h*w, D) | None, "clip": (B, 1 + h*w, D) | None}``, all tokens
       after ``ln_post @ proj`` (class token first).
     """
+    h, w = vit.grid_shape(pixels)
+    schedule = Schedule.resolve(schedule, tokens=h * w + 1)
+
     def run(module, pixels):
         g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None, schedule.head_chunk)
         return {"gem": None if g is None else module.head(g), "clip": None if x is None else module.head(x)}

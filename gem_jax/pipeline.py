@@ -155,7 +155,8 @@ class GEM:
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (LayerNorm, softmax and
         normalisation stay float32).
       schedule: a :class:`gem_jax.gem.Schedule` (chunking over images and heads; it
-        never changes results), or ``"auto"`` for the fastest measured on this backend.
+        never changes results), or ``"auto"`` for the fastest measured on this backend
+        at each input size.
       devices: devices to spread image batches over (a ``jax.make_mesh`` data axis:
         images sharded, parameters and text replicated); default all local devices.
     """
@@ -189,10 +190,7 @@ class GEM:
         self._vit = VisionTransformer(cfg.vision, cfg.embed_dim, dtype=compute)
         self._text = TextTransformer(cfg.text, cfg.embed_dim, dtype=compute)
         self._text_cache: dict[str, np.ndarray] = {}
-        if schedule == "auto":
-            schedule = gem_lib.Schedule.auto()
-        if not isinstance(schedule, gem_lib.Schedule):
-            raise ValueError(f"schedule must be a gem_jax.gem.Schedule or 'auto', got {schedule!r}")
+        gem_lib.Schedule.resolve(schedule)  # validates
         self.schedule = schedule
         devices = list(jax.local_devices() if devices is None else devices)
         if not devices:

@@ -126,9 +126,38 @@ def test_schedule_rejects_bad_chunks(bad):
         gem_lib.Schedule(image_chunk=bad)
 
 
-def test_auto_schedule_per_backend():
+def test_auto_schedule_per_backend_and_size():
+    large, small = gem_lib.CPU_CHUNK_TOKENS, gem_lib.CPU_CHUNK_TOKENS - 1
     assert gem_lib.Schedule.auto("cpu") == gem_lib.Schedule(head_chunk=4, image_chunk=1)
-    assert gem_lib.Schedule.auto("gpu") == gem_lib.Schedule() == gem_lib.Schedule.auto("tpu")
+    assert gem_lib.Schedule.auto("cpu", tokens=large) == gem_lib.Schedule(head_chunk=4, image_chunk=1)
+    assert gem_lib.Schedule.auto("cpu", tokens=small) == gem_lib.Schedule()
+    for backend in ("gpu", "tpu"):
+        assert gem_lib.Schedule.auto(backend) == gem_lib.Schedule() == gem_lib.Schedule.auto(backend, tokens=large)
+    assert gem_lib.Schedule.resolve(gem_lib.Schedule(head_chunk=2)) == gem_lib.Schedule(head_chunk=2)
+
+
+def test_auto_schedule_follows_the_input_size():
+    """``schedule="auto"`` is settled at trace time from the input's token count: a
+    small input runs whole, a large one in head chunks (on CPU, where the tests run)."""
+    assert jax.default_backend() == "cpu"
+    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=96, layers=2, heads=3),
+                     text=TextConfig(width=32, layers=1, heads=2), embed_dim=32)
+    vit = VisionTransformer(cfg.vision, cfg.embed_dim)
+    params = jax.eval_shape(lambda: init_params(cfg))["visual"]
+
+    def jaxpr(side):
+        def f(p, x):
+            return gem_lib.vision_tokens(vit, p, x, gem_lib.GEMOptions(layers=1), True, "auto")
+        return jax.make_jaxpr(f)(params, jax.ShapeDtypeStruct((2, side, side, 3), jnp.float32)).jaxpr
+
+    def loops(jaxpr) -> int:
+        return sum(e.primitive.name == "scan" for e in jaxpr.eqns)  # lax.map is a scan
+
+    n_small, n_large = (64 // 8) ** 2 + 1, (256 // 8) ** 2 + 1
+    assert n_small < gem_lib.CPU_CHUNK_TOKENS <= n_large
+    assert loops(jaxpr(64)) == 0  # whole batch, all heads at once
+    assert loops(jaxpr(256)) == 1  # a map over the images (the head maps nest inside it)
+    assert largest_intermediate(jaxpr(256)) == 3 * n_large ** 2  # one image's three heads
 
 
 def test_gem_rejects_a_bad_schedule_and_no_devices():
