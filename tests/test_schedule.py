@@ -175,20 +175,26 @@ SHARDED_RUN = textwrap.dedent("""
     from gem_jax.models import init_params
     from gem_jax.pipeline import GEM, Model
     from gem_jax.tokenizer import Tokenizer
-    from test_schedule import SMALL, sharpened, images, PROMPTS
+    from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
 
     assert jax.device_count() == 4, jax.devices()
     model = Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small")
     out = {}
     for name, devices in (("four", jax.devices()), ("one", jax.devices()[:1])):
-        with jax.default_matmul_precision("highest"):
-            g = GEM(model, layers=2, size=(32, 40), batch_size=8, devices=devices)
-            res = g.heatmaps(images(), PROMPTS)
-        out[name] = [np.asarray(x).tolist() for x in res.logits]
+        for schedule in ("per_image", "auto"):
+            with jax.default_matmul_precision("highest"):
+                g = GEM(model, layers=2, size=(32, 40), batch_size=8, devices=devices,
+                        schedule=PER_IMAGE if schedule == "per_image" else "auto")
+                res = g.heatmaps(images(), PROMPTS)
+            out[name + "_" + schedule] = [np.asarray(x).tolist() for x in res.logits]
         out[name + "_sharding"] = str(g._vparams["conv1"]["kernel"].sharding)
     json.dump(out, sys.stdout)
 """)
 PROMPTS = [["cat", "dog"], ["car"], ["tree", "sky", "road"], ["cat"], ["dog", "car"]]
+# One image per step: each image's program is then the same whatever the batch
+# per device, so sharded and single-device results agree to the last bit or two.
+# Whole-batch steps block the matmuls by batch size, which moves float32 rounding.
+PER_IMAGE = gem_lib.Schedule(head_chunk=4, image_chunk=1)
 
 
 def images():
@@ -206,11 +212,14 @@ def test_four_devices_equal_one():
     assert "4" in out["four_sharding"] or "replicated" in out["four_sharding"].lower()
     with jax.default_matmul_precision("highest"):
         here = GEM(Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small"), layers=2,
-                   size=(32, 40), batch_size=8).heatmaps(images(), PROMPTS).logits
-    assert len(out["four"]) == len(out["one"]) == len(here) == 5
-    for four, one, local, prompts in zip(out["four"], out["one"], here, PROMPTS):
-        four, one = np.asarray(four), np.asarray(one)
+                   size=(32, 40), batch_size=8, schedule=PER_IMAGE).heatmaps(images(), PROMPTS).logits
+    assert len(out["four_per_image"]) == len(out["one_per_image"]) == len(out["four_auto"]) == len(here) == 5
+    for i, prompts in enumerate(PROMPTS):
+        four, one, local = np.asarray(out["four_per_image"][i]), np.asarray(out["one_per_image"][i]), here[i]
         assert four.shape == one.shape == local.shape == (len(prompts), 32, 40)
         np.testing.assert_allclose(four, one, atol=1e-6)
         np.testing.assert_allclose(four, local, atol=1e-6)
         assert np.ptp(four) > 1e-3
+        # The automatic (whole-batch) schedule: equal up to float32 rounding.
+        np.testing.assert_allclose(np.asarray(out["four_auto"][i]), np.asarray(out["one_auto"][i]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["four_auto"][i]), four, atol=1e-5)
