@@ -276,3 +276,32 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("GEM_JAX_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub
+
+
+_PARITY: list[tuple[str, str, float]] = []
+
+
+@pytest.fixture
+def parity(request):
+    """``parity(what, ours, reference) -> max abs difference``, also listed at the end of the run.
+
+    The parity tests assert on the returned figure; the summary shows every figure
+    measured, so the README's parity claims can be checked with the test command.
+    """
+    def record(what: str, ours, reference) -> float:
+        ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+        assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
+        diff = float(np.max(np.abs(ours - reference)))
+        _PARITY.append((request.node.nodeid.split("::", 1)[-1], what, diff))
+        return diff
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PARITY:
+        return
+    terminalreporter.write_sep("-", "parity: max abs difference from the reference, measured in this run")
+    width = max(len(case) for case, _, _ in _PARITY)
+    for case, what, diff in _PARITY:
+        terminalreporter.write_line(f"{case:<{width}}  {what:<34} {diff:.2e}")

@@ -63,14 +63,13 @@ def transformers_reference(model, pixels, ids, kit, interpolate=False):
     return kit.l2n(img.numpy()), kit.l2n(txt.numpy())
 
 
-def assert_parity(ours, ref, label):
-    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(ours, ref)]
-    print(f"parity {label}: image {diffs[0]:.2e} text {diffs[1]:.2e}")
+def assert_parity(parity, ours, ref, label):
+    diffs = [parity(f"{label}: {part}", a, b) for part, a, b in zip(("image", "text"), ours, ref)]
     assert max(diffs) <= TOL, (label, diffs)
 
 
 @pytest.mark.parametrize("quick_gelu,safetensors", [(True, True), (False, False)])
-def test_openclip_hub_layout_matches_open_clip(tmp_path, clip_kit, quick_gelu, safetensors):
+def test_openclip_hub_layout_matches_open_clip(tmp_path, clip_kit, quick_gelu, safetensors, parity):
     model, cfg = clip_kit.make_openclip(quick_gelu=quick_gelu)
     d = clip_kit.write_openclip_hub(model, cfg, tmp_path / "hub", safetensors=safetensors)
     ckpt = read_checkpoint(d)
@@ -79,12 +78,12 @@ def test_openclip_hub_layout_matches_open_clip(tmp_path, clip_kit, quick_gelu, s
     assert (ckpt.config.vision.heads, ckpt.config.text.heads, ckpt.config.vision.mlp_ratio) == (3, 4, 2.0)
     pixels, ids = clip_kit.tiny_inputs()
     ours = clip_kit.jax_embeddings(ckpt.config, ckpt.params, pixels, ids)
-    assert_parity(ours, openclip_reference(model, pixels, ids, clip_kit),
+    assert_parity(parity, ours, openclip_reference(model, pixels, ids, clip_kit),
                   f"openclip-hub quick_gelu={quick_gelu} safetensors={safetensors}")
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
-def test_transformers_layout_matches_clipmodel(tmp_path, clip_kit, hidden_act):
+def test_transformers_layout_matches_clipmodel(tmp_path, clip_kit, hidden_act, parity):
     model = clip_kit.make_transformers(hidden_act)
     d = clip_kit.write_transformers(model, tmp_path / "hf")
     ckpt = read_checkpoint(d)
@@ -92,20 +91,20 @@ def test_transformers_layout_matches_clipmodel(tmp_path, clip_kit, hidden_act):
     assert ckpt.config.vision.activation == hidden_act
     pixels, ids = clip_kit.tiny_inputs()
     ours = clip_kit.jax_embeddings(ckpt.config, ckpt.params, pixels, ids)
-    assert_parity(ours, transformers_reference(model, pixels, ids, clip_kit), f"transformers {hidden_act}")
+    assert_parity(parity, ours, transformers_reference(model, pixels, ids, clip_kit), f"transformers {hidden_act}")
 
 
-def test_transformers_bin_and_interpolated_size(tmp_path, clip_kit):
+def test_transformers_bin_and_interpolated_size(tmp_path, clip_kit, parity):
     model = clip_kit.make_transformers("quick_gelu", seed=1)
     ckpt = read_checkpoint(clip_kit.write_transformers(model, tmp_path / "hf", safetensors=False))
     # transformers' interpolate_pos_encoding is non-antialiased bicubic
     pixels, ids = clip_kit.tiny_inputs(image_size=64)
     ours = clip_kit.jax_embeddings(ckpt.config, ckpt.params, pixels, ids, posemb_method="bicubic")
-    assert_parity(ours, transformers_reference(model, pixels, ids, clip_kit, interpolate=True),
+    assert_parity(parity, ours, transformers_reference(model, pixels, ids, clip_kit, interpolate=True),
                   "transformers .bin at 64 (interpolated)")
 
 
-def test_openai_torchscript_fp16(tmp_path, clip_kit):
+def test_openai_torchscript_fp16(tmp_path, clip_kit, parity):
     model, _ = clip_kit.make_openclip(clip_kit.TINY_OPENAI_CFG, quick_gelu=True, seed=2)
     path = clip_kit.write_openai_torchscript(model, tmp_path / "ViT-T-8.pt", image_size=32)
     ckpt = read_checkpoint(path)  # QuickGELU by default for OpenAI .pt
@@ -114,10 +113,10 @@ def test_openai_torchscript_fp16(tmp_path, clip_kit):
     clip_kit.round_to_fp16_(model)
     pixels, ids = clip_kit.tiny_inputs()
     ours = clip_kit.jax_embeddings(ckpt.config, ckpt.params, pixels, ids)
-    assert_parity(ours, openclip_reference(model, pixels, ids, clip_kit), "openai torchscript fp16")
+    assert_parity(parity, ours, openclip_reference(model, pixels, ids, clip_kit), "openai torchscript fp16")
 
 
-def test_plain_state_dict_pt_and_bare_safetensors(tmp_path, clip_kit):
+def test_plain_state_dict_pt_and_bare_safetensors(tmp_path, clip_kit, parity):
     from safetensors.torch import save_file
 
     model, _ = clip_kit.make_openclip(clip_kit.TINY_OPENAI_CFG, quick_gelu=False, seed=3)
@@ -131,10 +130,10 @@ def test_plain_state_dict_pt_and_bare_safetensors(tmp_path, clip_kit):
     assert from_pt.layout == "openclip" and from_pt.config == from_safetensors.config
     assert read_checkpoint(pt).config.vision.activation == "quick_gelu"  # the OpenAI default
     pixels, ids = clip_kit.tiny_inputs()
-    assert_parity(clip_kit.jax_embeddings(from_safetensors.config, from_safetensors.params, pixels, ids),
+    assert_parity(parity, clip_kit.jax_embeddings(from_safetensors.config, from_safetensors.params, pixels, ids),
                   openclip_reference(model, pixels, ids, clip_kit), "bare safetensors gelu")
     clip_kit.round_to_fp16_(model)
-    assert_parity(clip_kit.jax_embeddings(from_pt.config, from_pt.params, pixels, ids),
+    assert_parity(parity, clip_kit.jax_embeddings(from_pt.config, from_pt.params, pixels, ids),
                   openclip_reference(model, pixels, ids, clip_kit), "plain state dict .pt fp16")
 
 
