@@ -419,3 +419,27 @@ def test_torch_missing_gives_install_hint(tmp_path, clip_kit, monkeypatch):
         read_checkpoint(d)
     with pytest.raises(CheckpointError, match="gem-jax"):
         load_torch(d / "open_clip_pytorch_model.bin")
+
+
+@pytest.mark.parametrize("vision_layers,text_layers", [(1, 1), (3, 2), (2, 5)])
+def test_param_shapes_equal_a_full_trace(vision_layers, text_layers):
+    """The expected tree traces one block per tower and repeats it; it must equal the
+    tree a full ``init`` makes, structure, shapes and dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+    from gem_jax.models import CLIP, param_shapes
+
+    config = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=vision_layers, heads=2),
+                        text=TextConfig(context_length=16, vocab_size=100, width=32, layers=text_layers, heads=2),
+                        embed_dim=24)
+    full = jax.eval_shape(CLIP(config).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1, 16), jnp.int32))["params"]
+    fast = param_shapes(config)
+    assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(full)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(full)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert len([k for k in fast["visual"] if k.startswith("resblocks_")]) == vision_layers
+    fast["visual"].pop("proj")  # callers get their own containers
+    assert "proj" in param_shapes(config)["visual"]

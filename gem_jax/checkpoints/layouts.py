@@ -385,7 +385,7 @@ def to_params(state: Mapping[str, np.ndarray], config: CLIPConfig, key_map: KeyM
         if tuple(value.shape) != want:
             bad_shapes.append(f"{name} {shapes} (expected {want} after layout change)")
             continue
-        flat[path] = value.astype(dtype)
+        flat[path] = value.astype(dtype, copy=False)
     unused = [k for k in state if k not in used and not EXEMPT_KEYS.search(k)]
     targets = {path for path, _ in key_map.values()}
     unfilled = [p for p in expected if p not in targets]  # a key map that misses a parameter
