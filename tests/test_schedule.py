@@ -223,3 +223,63 @@ def test_four_devices_equal_one():
         # The automatic (whole-batch) schedule: equal up to float32 rounding.
         np.testing.assert_allclose(np.asarray(out["four_auto"][i]), np.asarray(out["one_auto"][i]), atol=1e-5)
         np.testing.assert_allclose(np.asarray(out["four_auto"][i]), four, atol=1e-5)
+
+
+MULTI_HOST_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    process_id, processes, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=processes,
+                               process_id=process_id)
+    import numpy as np
+    from gem_jax.models import init_params
+    from gem_jax.pipeline import GEM, Model
+    from gem_jax.tokenizer import Tokenizer
+    from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
+
+    model = Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small")
+    # The README's recipe: this process's devices, this process's share of the images.
+    mine = list(range(jax.process_index(), len(PROMPTS), jax.process_count()))
+    with jax.default_matmul_precision("highest"):
+        g = GEM(model, layers=2, size=(32, 40), batch_size=8, devices=jax.local_devices(), schedule=PER_IMAGE)
+        res = g.heatmaps([images()[i] for i in mine], [PROMPTS[i] for i in mine])
+    json.dump({"process": jax.process_index(), "processes": jax.process_count(), "indices": mine,
+               "logits": [np.asarray(x).tolist() for x in res.logits]}, sys.stdout)
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed():
+    """Two local processes joined by ``jax.distributed.initialize``, each on its own
+    devices and its share of the images, give the single-process results."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST_WORKER, str(i), "2", port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out) for out, _ in outs]
+    assert sorted(r["process"] for r in results) == [0, 1] and all(r["processes"] == 2 for r in results)
+    with jax.default_matmul_precision("highest"):
+        here = GEM(Model(SMALL, sharpened(init_params(SMALL, seed=3)), Tokenizer.default(), "small"), layers=2,
+                   size=(32, 40), batch_size=8, schedule=PER_IMAGE).heatmaps(images(), PROMPTS).logits
+    seen = []
+    for r in results:
+        for i, logits in zip(r["indices"], r["logits"]):
+            seen.append(i)
+            assert np.asarray(logits).shape == here[i].shape
+            np.testing.assert_allclose(np.asarray(logits), here[i], atol=1e-6)
+    assert sorted(seen) == list(range(len(PROMPTS)))
