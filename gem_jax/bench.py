@@ -57,7 +57,7 @@ def count_flops(config: CLIPConfig, size: tuple[int, int], opts: gem_lib.GEMOpti
     v = config.vision
     p = v.patch_size
     h, w = size[0] // p, size[1] // p
-    n, c, m, d = 1 + h * w, v.width, v.mlp_width, config.embed_dim
+    n, c, m, d = v.tokens(size), v.width, v.mlp_width, config.embed_dim
     qkv, attn, out, mlp = 2 * n * c * 3 * c, 2 * 2 * n * n * c, 2 * n * c * c, 2 * 2 * n * c * m
     start = v.layers - opts.layers
     parts = {
@@ -194,6 +194,7 @@ def _reference_model(arch: str, config: CLIPConfig):
 def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequence[int] = (1, 4),
         prompts: Sequence[int] = (1, 8, 64), rounds: int = 5, reference: bool = False,
         dtypes: Sequence[str] = ("float32",), schedule: gem_lib.Schedule | str = "auto",
+        head_chunk: int | None = None, image_chunk: int | None = None,
         opts: gem_lib.GEMOptions = gem_lib.GEMOptions(), progress: bool = True) -> dict:
     """Benchmarks every (batch, prompt count) case; returns a JSON-ready dict.
 
@@ -206,6 +207,7 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
       dtypes: gem-jax compute dtypes; each after the first also reports the max abs
         difference of its heatmaps from the first's.
       schedule: gem-jax's :class:`~gem_jax.gem.Schedule` or ``"auto"``.
+      head_chunk, image_chunk: when given, replace that field of the schedule.
       opts: GEM options.
       progress: print a line per measurement to stderr.
     """
@@ -235,8 +237,9 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
 
         params = init_params(config)
     model = Model(config, params, Tokenizer.default(config.text.context_length), f"random {arch}")
-    grid = (hw[0] // config.vision.patch_size, hw[1] // config.vision.patch_size)
-    schedule = gem_lib.Schedule.resolve(schedule, tokens=grid[0] * grid[1] + 1)
+    schedule = gem_lib.Schedule.resolve(schedule, tokens=config.vision.tokens(hw))
+    schedule = dataclasses.replace(schedule, **{k: v for k, v in (("head_chunk", head_chunk),
+                                                                  ("image_chunk", image_chunk)) if v})
 
     say("measuring the float32 matmul peak")
     peak = matmul_peak()

@@ -23,11 +23,6 @@ class RuntimeFailure(Exception):
     """A well-formed command that could not be carried out: exit status 1."""
 
 
-
-
-
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (the full usage stays behind --help)."""
 
@@ -345,8 +340,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import dataclasses
-
     from gem_jax import bench, config
     from gem_jax import gem as gem_lib
 
@@ -359,16 +352,10 @@ def cmd_bench(args) -> int:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
-    schedule = gem_lib.Schedule() if args.no_chunks else "auto"
-    if args.head_chunk or args.image_chunk:  # overrides the automatic choice on those axes
-        patch = config.architecture(args.arch).vision.patch_size
-        h, w = (args.size, args.size) if isinstance(args.size, int) else args.size
-        schedule = dataclasses.replace(gem_lib.Schedule.auto(tokens=(h // patch) * (w // patch) + 1),
-                                       **{k: v for k, v in (("head_chunk", args.head_chunk),
-                                                            ("image_chunk", args.image_chunk)) if v})
     try:
         result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
-                           args.dtype, schedule)
+                           args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
+                           head_chunk=args.head_chunk, image_chunk=args.image_chunk)
     except RuntimeError as e:
         raise RuntimeFailure(str(e)) from None
     print(bench.format_table(result))

@@ -61,6 +61,10 @@ class VisionConfig:
     def mlp_width(self) -> int:
         return int(round(self.width * self.mlp_ratio))
 
+    def tokens(self, size: tuple[int, int]) -> int:
+        """Tokens per image at input ``size`` (H, W): the class token and the patch grid."""
+        return 1 + (size[0] // self.patch_size) * (size[1] // self.patch_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

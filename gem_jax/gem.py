@@ -197,8 +197,6 @@ def _attend(blk, q, k, v, head_chunk):
 
 def _block(blk, x, head_chunk):
     """A whole residual block, as ``blk(x)`` but with chunked attention."""
-    if head_chunk is None:
-        return blk(x)
     q, k, v = blk.attn.qkv(blk.ln_1(x).astype(blk.dtype))
     x = x + blk.attn.out(_attend(blk, q, k, v, head_chunk)).astype(x.dtype)
     return blk.residual_mlp(x)
@@ -265,8 +263,8 @@ def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | Non
       ``{"gem": (B, 1 + h*w, D) | None, "clip": (B, 1 + h*w, D) | None}``, all tokens
       after ``ln_post @ proj`` (class token first).
     """
-    h, w = vit.grid_shape(pixels)
-    schedule = Schedule.resolve(schedule, tokens=h * w + 1)
+    vit.grid_shape(pixels)  # validates the size
+    schedule = Schedule.resolve(schedule, tokens=vit.config.tokens(pixels.shape[1:3]))
 
     def run(module, pixels):
         g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None, schedule.head_chunk)

@@ -281,8 +281,7 @@ class GEM:
         for hw, members in by_size.items():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start:start + self.batch_size]
-                n_dev = len(self.mesh.devices.flat)
-                b = -(-_bucket(len(idx), 1) // n_dev) * n_dev  # whole shards per device
+                b = -(-_bucket(len(idx), 1) // self.mesh.size) * self.mesh.size  # whole shards per device
                 pixels = np.zeros((b, *hw, 3), np.float32)
                 text = np.zeros((b, p_bucket, dim), np.float32)
                 mask = np.zeros((b, p_bucket), bool)

@@ -79,3 +79,14 @@ def test_bench_usage_errors_are_one_line(tmp_path):
     assert code == 1 and "exists" in err and (tmp_path / "b.json").read_text() == "{}"
     code, _, err = run_cli("--no-chunks", "--head-chunk", "2", timeout=120)
     assert code == 2 and "--no-chunks" in err
+
+
+def test_chunk_overrides_replace_the_automatic_schedule():
+    """``--head-chunk``/``--image-chunk`` replace only their field of the schedule chosen
+    for the input size (ViT-B/32 at 64 x 96 is 25 tokens: run whole by default)."""
+    def schedule(**kw):
+        return bench.run("ViT-B-32", (64, 96), batches=(1,), prompts=(1,), rounds=1, progress=False, **kw)["schedule"]
+
+    assert schedule() == {"head_chunk": None, "image_chunk": None}
+    assert schedule(head_chunk=2) == {"head_chunk": 2, "image_chunk": None}
+    assert schedule(schedule=gem_lib.Schedule(4, 1), image_chunk=2) == {"head_chunk": 4, "image_chunk": 2}

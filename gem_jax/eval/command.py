@@ -15,9 +15,6 @@ from gem_jax.eval.protocols import PROTOCOLS
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
-
-
-
 def _projections(text: str) -> tuple[str, ...]:
     letters = tuple(dict.fromkeys(text.strip().lower().replace(",", "")))
     if not letters or any(c not in "qkv" for c in letters):
