@@ -66,8 +66,15 @@ OPTIONS = [
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"h{s.head_chunk}-i{s.image_chunk}")
 def test_chunked_equals_plain(setup, opts, schedule):
     vit, params, pixels = setup
+    # The plain model on the same image groups the schedule steps through: XLA's CPU
+    # kernels round differently by batch size (tokens ~8e-5 apart, max 3.9, at batch 1
+    # against batch 4 here), which is not what this test is about.
+    c = pixels.shape[0] if schedule.image_chunk is None else gem_lib._largest_divisor(4, schedule.image_chunk)
     with jax.default_matmul_precision("highest"):
-        plain = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts))(params["visual"], pixels)
+        plain_fn = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts))
+        parts = [plain_fn(params["visual"], pixels[i:i + c]) for i in range(0, pixels.shape[0], c)]
+        plain = {k: None if parts[0][k] is None else np.concatenate([np.asarray(q[k]) for q in parts])
+                 for k in parts[0]}
         chunked = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts, schedule=schedule))(
             params["visual"], pixels)
     for key in ("gem", "clip"):
@@ -76,10 +83,7 @@ def test_chunked_equals_plain(setup, opts, schedule):
             continue
         a, b = np.asarray(plain[key]), np.asarray(chunked[key])
         assert a.shape == b.shape == (4, 1 + 5 * 6, SMALL.embed_dim)
-        # Splitting the batch lets XLA's CPU kernels round differently: the plain model
-        # alone gives tokens 8e-5 apart (max 3.9) at batch 1 and batch 4 here.
-        rel = 1e-5 if schedule.image_chunk is None else 1e-4
-        assert np.abs(a - b).max() <= rel * np.abs(a).max()
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
         assert np.ptp(a[:, 1:], axis=1).min() > 1e-3  # tokens differ across the grid
 
 
