@@ -141,8 +141,13 @@ def test_vit_b16_towers_match_open_clip(clip_kit, parity):
     full token sequence after ``ln_post @ proj`` (plain CLIP and GEM) from one pass.
 
     Twelve perturbed blocks amplify float32 rounding to ~1e-3 in the raw tokens on
-    both sides, so the raw tokens are also held to the reference's own float32
-    error against a float64 run of the same reference.
+    both sides, so the raw tokens are held to a float64 run of the same reference:
+    our root-mean-square error against it within 1.5x the reference's own float32
+    one. That mean over ~200k values is stable across CPUs (ratio 0.93-1.04 over
+    seeds and MKL/XLA instruction sets); the largest single error is a tail
+    statistic that follows the BLAS's rounding (vector width, FMA): its ratio
+    ranged 0.77-1.14 on one AMD EPYC and reached 1.55 on another, so it is only
+    recorded. A wrong LayerNorm epsilon (1e-6) gives an RMS ratio of 45.
     """
     import copy
 
@@ -166,8 +171,9 @@ def test_vit_b16_towers_match_open_clip(clip_kit, parity):
         ours = np.asarray(ours)
         assert parity(f"{name} tokens (L2-normalised)", clip_kit.l2n(ours), clip_kit.l2n(theirs)) <= LOGIT_TOL
         parity(f"{name} tokens (raw)", ours, theirs)
-        their_error = np.abs(theirs - exact).max()
-        assert parity(f"{name} tokens vs float64 reference", ours, exact) <= 1.5 * their_error
+        parity(f"{name} tokens vs float64 reference", ours, exact)
+        ours_rms, their_rms = (float(np.sqrt(np.mean((x - exact) ** 2))) for x in (ours, theirs))
+        assert ours_rms <= 1.5 * their_rms, (ours_rms, their_rms)
     # The pooled image embedding is the plain path's class token.
     np.testing.assert_allclose(clip_kit.l2n(np.asarray(out["clip"])[:, 0]), clip_kit.l2n(img), atol=LOGIT_TOL)
 
