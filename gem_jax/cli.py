@@ -72,13 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--alpha", type=argtypes.probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
     seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     seg.add_argument("--force", action="store_true", help="overwrite existing output files")
+    seg.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                     help="an unreadable image stops the run (fail) or is skipped and listed at the end (skip)")
     _add_cache_flags(seg)
 
     sub.add_parser("models", parents=[common], help="list the model registry")
 
-    conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint into the native format")
-    conv.add_argument("source", help="registry name, hub id, local directory or file")
-    conv.add_argument("--out", required=True, help="output directory, e.g. weights/my-model")
+    conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint into the native format",
+                          description="Reads a checkpoint in any layout and writes the native one. A registry "
+                                      "name, or the hub id of a registry model, goes to that model's folder in "
+                                      "the weights directory unless --out says otherwise. --random writes seeded "
+                                      "random weights of an architecture, to try every command without real ones.")
+    conv.add_argument("source", help="registry name, hub id, local directory or file; with --random an "
+                                     "architecture (ViT-B-16, ...)")
+    conv.add_argument("--out", default=None, help="output directory, e.g. weights/my-model (default for registry "
+                                                  "models: their folder in the weights directory)")
+    conv.add_argument("--random", action="store_true", help="seeded random weights of the architecture SOURCE")
+    conv.add_argument("--seed", type=argtypes.nonneg_int, default=0, help="with --random: the seed (0)")
     conv.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
                       help="needed when the checkpoint does not say (bare safetensors files)")
     conv.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -165,8 +175,15 @@ def cmd_segment(args) -> int:
         raise UsageError("a prompt is given twice")
     if args.save_logits and not prompts:
         raise UsageError("--save-logits needs prompts (-p)")
+    files = [p for p in prompts if os.path.isfile(p)]
     if not args.images and not args.example:
+        if files:
+            raise UsageError(f"no images given: the prompt {files[0]!r} is a file; -p takes every word after it, "
+                             f"so put the images first (gem-jax segment {files[0]} -p PROMPT) or end the prompts "
+                             "with --")
         raise UsageError("no images given (pass IMAGE paths, a directory, a glob, or --example)")
+    if files:
+        print(f"note: the prompt {files[0]!r} is also a file name; images go before -p or after --", file=sys.stderr)
     try:
         paths = preprocess.expand_image_paths(args.images) if args.images else []
     except preprocess.ImageError as e:
@@ -189,18 +206,36 @@ def cmd_segment(args) -> int:
         raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
 
     # Decode every image before the (slow) model load, so a bad file fails fast.
-    try:
-        images = [preprocess.load_image(p) for p in paths]
-    except preprocess.ImageError as e:
-        raise RuntimeFailure(str(e)) from None
+    images, kept, skipped = [], [], []
+    for path, plan in zip(paths, plans):
+        try:
+            images.append(preprocess.load_image(path))
+            kept.append((path, plan))
+        except preprocess.ImageError as e:
+            if args.on_error == "fail":
+                raise RuntimeFailure(f"{e} (--on-error skip goes on without it)") from None
+            skipped.append(f"{path}: {e}")
+    if not images:
+        raise RuntimeFailure(f"none of the {len(paths)} image(s) could be read: {skipped[0]}")
+    paths, plans = [p for p, _ in kept], [plan for _, plan in kept]
 
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
+    import time
+
     import numpy as np
 
     from gem_jax import pipeline, visualize
 
+    start = time.perf_counter()
+    print(f"loading model {args.model or 'ViT-B/16:openai'} ...", file=sys.stderr)
     model = _load_model(args.model)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    note = None
+    if model.random_weights:
+        note = "RANDOM weights: shows the mechanics, not real localisation"
+        print(f"note: {model.name} has random weights (gem-jax convert --random); the pictures say so",
+              file=sys.stderr)
     try:
         gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
                            temperature=args.temperature, template=args.template, size=args.size,
@@ -213,11 +248,23 @@ def cmd_segment(args) -> int:
         raise UsageError(str(e)) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_logits, all_heat, sizes = [], [], []
+    # one tower pass per image serves both: the label map comes from the classes' logits
+    wanted = prompts + [c for c in dict.fromkeys(classes or []) if c not in prompts]
+    column = {p: i for i, p in enumerate(wanted)}
+    all_logits, all_heat, sizes, compiled = [], [], [], set()
     for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
+        hw = gem._input_size(image, None, None)
+        tick = time.perf_counter()
+        if hw not in compiled:
+            cached = "" if args.no_compile_cache else "; later runs read the compile cache"
+            print(f"compiling for {hw[0]}x{hw[1]} (first image of this size{cached}) ...", file=sys.stderr)
+        out = gem.heatmaps(image, wanted)
+        logits, heat = np.asarray(out.logits[0]), np.asarray(out.heatmaps[0])
+        if hw not in compiled:
+            compiled.add(hw)
+            print(f"first {hw[0]}x{hw[1]} image took {time.perf_counter() - tick:.1f} s", file=sys.stderr)
         if prompts:
-            out = gem.heatmaps(image, prompts)
-            logits, heat = out.logits[0], out.heatmaps[0]
+            logits, heat = logits[:len(prompts)], heat[:len(prompts)]
             all_logits.append(logits)
             all_heat.append(heat)
             sizes.append(out.sizes[0])
@@ -225,18 +272,21 @@ def cmd_segment(args) -> int:
             for p_idx, target in enumerate(overlays):
                 visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
                                    target, overwrite=args.force)
-            fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha)
+            fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha, title=note)
             visualize.save_png(fig, grid, overwrite=args.force)
         if classes:
-            labels = gem.segment(image, classes, args.background_threshold)
+            class_logits = np.asarray(out.logits[0])[[column[c] for c in classes]]
+            labels = pipeline.labels_from_logits(class_logits, args.background_threshold)
             labels = _to_original_size(labels, image.shape[:2], nearest=True)
-            fig = visualize.label_figure(image, labels, classes)
+            fig = visualize.label_figure(image, labels, classes, title=note)
             visualize.save_png(fig, labels_path, overwrite=args.force)
     if args.save_logits:
         _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
-    written = len(targets)
-    print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else ""),
-          file=sys.stderr)
+    written = sum(1 for overlays, grid, labels in plans for p in (*overlays, grid, labels) if p is not None)
+    print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else "")
+          + f" in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
     return EXIT_OK
 
 
@@ -302,17 +352,20 @@ def _load_model(name):
 def cmd_models(args) -> int:
     from gem_jax import checkpoints
 
-    rows = [("name", "architecture", "weights", "hub repository", "converted")]
+    states = {"converted": "converted", "original": "original files", "missing": "-"}
+    rows = [("name", "architecture", "activation", "weights", "hub repository", "local copy")]
     for name in checkpoints.available_models():
         e = checkpoints.get_entry(name)
-        rows.append((name, e.architecture, e.pretrained, e.hub_repo or "(none)",
-                     "yes" if checkpoints.is_converted(name) else "no"))
+        rows.append((name, e.architecture, e.activation, e.pretrained, e.hub_repo or "(none)",
+                     states[checkpoints.local_state(name)]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\nconverted copies live in {checkpoints.weights_dir()}")
+    print(f"\nlocal copies live in {checkpoints.weights_dir()}/<name>, e.g. "
+          f"{checkpoints.local_dir(checkpoints.DEFAULT_MODEL).name}; \"original files\" load as they are, "
+          "`gem-jax convert NAME` makes the faster native copy")
     return EXIT_OK
 
 
@@ -320,14 +373,25 @@ def cmd_convert(args) -> int:
     from gem_jax import checkpoints
 
     try:
-        out = checkpoints.convert(args.source, args.out, force=args.force, activation=args.activation)
+        if args.random:
+            if args.activation:
+                raise UsageError("--activation does not apply to --random (the architecture sets it)")
+            out = args.out or checkpoints.weights_dir() / f"random-{args.source.replace('/', '-')}"
+            out = checkpoints.convert_random(args.source, out, seed=args.seed, force=args.force)
+        else:
+            out = checkpoints.convert(args.source, args.out, force=args.force, activation=args.activation)
     except checkpoints.UnknownModelError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:
         raise RuntimeFailure(f"{e}; pass --force to replace it") from None
     except (checkpoints.ModelNotAvailableError, checkpoints.CheckpointError, FileNotFoundError) as e:
         raise RuntimeFailure(str(e)) from None
-    print(f"converted {args.source} -> {out}", file=sys.stderr)
+    except ValueError as e:  # no --out for a non-registry source, an unknown architecture
+        raise UsageError(str(e)) from None
+    if args.random:
+        print(f"wrote RANDOM weights of {args.source} (seed {args.seed}) -> {out}", file=sys.stderr)
+    else:
+        print(f"converted {args.source} -> {out}", file=sys.stderr)
     return EXIT_OK
 
 

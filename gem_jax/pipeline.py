@@ -49,12 +49,22 @@ class Model:
       params: ``{"visual": ..., "text": ...}``.
       tokenizer: turns prompts into ids.
       name: where it came from (registry name, hub id or path).
+      random_weights: the weights are random (``gem-jax convert --random``), not
+        trained; pictures made from the model say so.
     """
 
     config: CLIPConfig
     params: Any
     tokenizer: Tokenizer
     name: str = "model"
+    random_weights: bool = False
+
+    def __repr__(self) -> str:
+        v, t = self.config.vision, self.config.text
+        count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(self.params))
+        return (f"Model({self.name!r}, vision {v.layers} blocks x {v.width} wide, patch {v.patch_size}, "
+                f"{v.image_size}px; text {t.layers} x {t.width}; embed {self.config.embed_dim}; {v.activation}; "
+                f"{count / 1e6:.1f}M parameters{'; RANDOM weights' if self.random_weights else ''})")
 
 
 def load(name_or_path: str | None = None, *, activation: str | None = None) -> Model:
@@ -80,7 +90,7 @@ def model_from_checkpoint(ckpt, name: str = "model") -> Model:
     else:
         tokenizer = Tokenizer.default(context_length=ctx)
     params = jax.tree_util.tree_map(jnp.asarray, ckpt.params)
-    return Model(ckpt.config, params, tokenizer, name)
+    return Model(ckpt.config, params, tokenizer, name, random_weights=getattr(ckpt, "random_weights", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +98,9 @@ class HeatmapOutput:
     """What :meth:`GEM.heatmaps` returns.
 
     Attributes:
-      logits: raw cosine similarities upsampled to the model input size:
-        (B, P, H, W) when every image shares a size and a prompt count, else a list
-        of (P_i, H_i, W_i) arrays.
+      logits: raw cosine similarities upsampled to the model input size (or to each
+        image's own size with ``output_size="original"``): (B, P, H, W) when every
+        image shares a size and a prompt count, else a list of (P_i, H_i, W_i) arrays.
       heatmaps: ``logits`` min-max scaled per image and prompt, same layout.
       prompts: the prompts of each image.
       sizes: the model input size (H, W) of each image.
@@ -253,7 +263,7 @@ class GEM:
         return preprocess.target_size(*image.shape[:2], size=size, short_side=short_side,
                                       patch_size=self.model.config.vision.patch_size)
 
-    def heatmaps(self, images, prompts, *, size=None, short_side=None) -> HeatmapOutput:
+    def heatmaps(self, images, prompts, *, size=None, short_side=None, output_size: str = "input") -> HeatmapOutput:
         """Where each prompt is in each image.
 
         Args:
@@ -262,9 +272,13 @@ class GEM:
           prompts: one list of strings for all images, or one list per image (the
             lists may differ in length).
           size, short_side: override the object's sizing for this call.
+          output_size: ``"input"``, maps at the model input size; ``"original"``, each
+            image's maps resized (bilinearly) to that image's own height and width.
         Returns:
           :class:`HeatmapOutput` with raw cosine ``logits`` and min-max ``heatmaps``.
         """
+        if output_size not in ("input", "original"):
+            raise ValueError(f"output_size must be 'input' or 'original', got {output_size!r}")
         images = preprocess.as_image_list(images)
         sets = _prompt_sets(prompts, len(images))
         sizes = [self._input_size(im, size, short_side) for im in images]
@@ -293,7 +307,12 @@ class GEM:
                 for row, i in enumerate(idx):
                     logits[i] = lg[row, :len(sets[i])]
                     heat[i] = hm[row, :len(sets[i])]
-        if len(set(sizes)) == 1 and len({len(s) for s in sets}) == 1:
+        shapes = sizes
+        if output_size == "original":
+            shapes = [im.shape[:2] for im in images]
+            logits = [resize_maps(x, hw) for x, hw in zip(logits, shapes)]
+            heat = [resize_maps(x, hw) for x, hw in zip(heat, shapes)]
+        if len(set(shapes)) == 1 and len({len(s) for s in sets}) == 1:
             logits, heat = np.stack(logits), np.stack(heat)
         return HeatmapOutput(logits, heat, sets, sizes)
 
@@ -315,6 +334,19 @@ class GEM:
             raise ValueError(f"segment takes one image, got {len(images)}")
         out = self.heatmaps(images, [list(class_names)], size=size, short_side=short_side)
         return labels_from_logits(np.asarray(out.logits[0]), background_threshold)
+
+
+def resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(..., h, w) maps resized bilinearly to ``hw`` (half-pixel centres, as the upsampling
+    of the patch logits); a heatmap in [0, 1] stays in [0, 1]."""
+    from gem_jax.models.layers import resize_matrix
+
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[-2:] == tuple(hw):
+        return maps
+    my = resize_matrix(maps.shape[-2], hw[0], "bilinear")
+    mx = resize_matrix(maps.shape[-1], hw[1], "bilinear")
+    return np.einsum("Hh,...hw,Ww->...HW", my, maps, mx).astype(np.float32)
 
 
 def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85) -> np.ndarray:

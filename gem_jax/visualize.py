@@ -217,7 +217,7 @@ def overlay(image, heatmap, *, cmap="jet", alpha=0.5) -> np.ndarray:
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def heatmap_grid(image, heatmaps, titles, *, cmap="jet", alpha=0.5, columns=None) -> Figure:
+def heatmap_grid(image, heatmaps, titles, *, cmap="jet", alpha=0.5, columns=None, title=None) -> Figure:
     """A figure of the image followed by one titled heatmap overlay per prompt.
 
     Every panel is drawn with the image's proportions (heatmaps of another aspect are
@@ -229,6 +229,7 @@ def heatmap_grid(image, heatmaps, titles, *, cmap="jet", alpha=0.5, columns=None
       titles: P titles, usually the prompts.
       cmap, alpha: as for :func:`overlay`.
       columns: panels per row; by default at most five, rows balanced.
+      title: a title over the whole figure (e.g. saying the model's weights are random).
 
     Returns:
       A ``matplotlib.figure.Figure`` (Agg canvas); save it with :func:`save_png`.
@@ -255,7 +256,10 @@ def heatmap_grid(image, heatmaps, titles, *, cmap="jet", alpha=0.5, columns=None
     titles = [_wrap(t, panel_w) for t in titles]
     lines = [t.count("\n") + 1 for t in ["image", *titles]]
     row_lines = [max(lines[r * columns:(r + 1) * columns]) for r in range(rows)]
-    fig = _new_figure(panel_w * columns + 0.9, sum(panel_h + 0.22 * n + 0.15 for n in row_lines) + 0.1)
+    fig = _new_figure(panel_w * columns + 0.9, sum(panel_h + 0.22 * n + 0.15 for n in row_lines) + 0.1
+                      + (0.35 if title else 0.0))
+    if title:
+        fig.suptitle(title, fontsize=11)
     grid = fig.add_gridspec(rows, columns)
 
     axes = []
@@ -314,15 +318,18 @@ def colorize_labels(labels, n_classes) -> np.ndarray:
     return label_palette(n_classes)[labels]
 
 
-def label_figure(image, labels, class_names: Sequence[str], *, alpha=0.6, background="background") -> Figure:
-    """The image beside its colour label map (blended over it), with a legend of the classes present.
+def label_figure(image, labels, class_names: Sequence[str], *, alpha=0.6, background="background",
+                 title=None) -> Figure:
+    """The image beside its colour label map (blended over it), with a legend of every class:
+    those absent from the map are listed as "(not found)" with an empty swatch.
 
     Args:
       image: uint8 (H', W', 3) RGB (or a PIL image); resized to the label map when sizes differ.
       labels: (H, W) integers, 0 = background and k + 1 = ``class_names[k]``.
       class_names: the names of the classes.
       alpha: opacity of the label colours in [0, 1].
-      background: the legend's name for label 0, or None to leave it out of the legend.
+      background: the legend's name for label 0 (listed when present), or None to leave it out.
+      title: a title over the whole figure (e.g. saying the model's weights are random).
 
     Returns:
       A ``matplotlib.figure.Figure`` (Agg canvas); the legend is ``fig.legends[0]``.
@@ -339,18 +346,23 @@ def label_figure(image, labels, class_names: Sequence[str], *, alpha=0.6, backgr
     base = _resize_image(image, labels.shape).astype(np.float64)
     blended = np.clip(np.rint((1.0 - alpha) * base + alpha * colours), 0, 255).astype(np.uint8)
 
-    present = np.unique(labels)
+    present = set(np.unique(labels).tolist())
     entries = []
-    for k in present:
-        if k == 0 and background is None:
-            continue
-        name = str(background) if k == 0 else class_names[k - 1]
-        entries.append(Patch(facecolor=palette[k] / 255.0, edgecolor="0.25", linewidth=0.8, label=name))
+    if 0 in present and background is not None:
+        entries.append(Patch(facecolor=palette[0] / 255.0, edgecolor="0.25", linewidth=0.8, label=str(background)))
+    for k, name in enumerate(class_names, start=1):
+        if k in present:
+            entries.append(Patch(facecolor=palette[k] / 255.0, edgecolor="0.25", linewidth=0.8, label=name))
+        else:
+            entries.append(Patch(facecolor="none", edgecolor=palette[k] / 255.0, linewidth=1.2,
+                                 label=f"{name} (not found)"))
 
     shape_hw = image.shape[:2]
     legend_inches = 0.4 + 0.085 * max([8] + [len(e.get_label()) for e in entries]) if entries else 0.0
     panel_w, panel_h = _panel_size(shape_hw)
-    fig = _new_figure(2 * panel_w + legend_inches + 0.3, panel_h + 0.55)
+    fig = _new_figure(2 * panel_w + legend_inches + 0.3, panel_h + 0.55 + (0.35 if title else 0.0))
+    if title:
+        fig.suptitle(title, fontsize=11)
     _show(fig.add_subplot(1, 2, 1), image, shape_hw, "image")
     _show(fig.add_subplot(1, 2, 2), blended, shape_hw, "labels")
     if entries:

@@ -113,8 +113,9 @@ def test_bad_input_exit_codes_and_no_output(env, tmp_path, case):
     code, stdout, err = run(env, *args, "--out", out)
     assert code == expect_code, err
     assert expect_msg in err
-    # one message; the offline one also spells out the download command
-    assert "Traceback" not in err and len(err.strip().splitlines()) <= (4 if case == "offline" else 2), err
+    # one message (after the progress line of the model load); the offline one also spells out the download
+    lines = [line for line in err.strip().splitlines() if not line.startswith("loading model")]
+    assert "Traceback" not in err and len(lines) <= (4 if case == "offline" else 2), err
     assert files(out) == []
 
 
@@ -146,3 +147,92 @@ def test_models_and_convert(env, tmp_path):
 def test_no_command_is_usage_error(env):
     code, _, err = run(env)
     assert code == 2 and "segment" in err
+
+
+def test_models_shows_activation_and_the_local_state(env, tmp_path):
+    weights = pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"])
+    (weights / "ViT-B-32.openai").mkdir(parents=True, exist_ok=True)
+    (weights / "ViT-B-32.openai" / "ViT-B-32.pt").write_bytes(b"as downloaded")
+    code, stdout, err = run(env, "models")
+    assert code == 0, err
+    rows = {r[0]: r for r in map(str.split, stdout.splitlines()) if r and ":" in r[0]}
+    assert rows["ViT-B/32:openai"][2] == "quick_gelu" and rows["ViT-B/32:openai"][-2:] == ["original", "files"]
+    assert rows["ViT-B/16:laion2b_s34b_b88k"][2] == "gelu" and rows["ViT-B/16:laion2b_s34b_b88k"][-1] == "-"
+
+
+def in_process(args, capsys):
+    from gem_jax import cli
+
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_segment_one_tower_pass_serves_prompts_and_classes(env, tmp_path, monkeypatch, capsys):
+    from gem_jax import pipeline
+
+    calls = []
+    original = pipeline.GEM.heatmaps
+
+    def counting(self, images, prompts, **kw):
+        calls.append(list(prompts))
+        return original(self, images, prompts, **kw)
+
+    monkeypatch.setattr(pipeline.GEM, "heatmaps", counting)
+    monkeypatch.setattr(pipeline.GEM, "segment", lambda *a, **k: pytest.fail("a second pass through the tower"))
+    img = write_image(tmp_path / "a.png")
+    code, err = in_process(["segment", img, "-p", "cat", "-p", "sofa", "--classes", "sofa", "plant",
+                            "--model", env["model"], "--gem-layers", "1", "--size", "32", "--out", tmp_path / "o",
+                            "--no-compile-cache"], capsys)
+    assert code == 0, err
+    assert calls == [["cat", "sofa", "plant"]]  # one pass, each text once
+    assert files(tmp_path / "o") == ["a__cat.png", "a__grid.png", "a__labels.png", "a__sofa.png"]
+    # feedback on stderr: the load, the compilation and the time taken
+    assert "loading model" in err and "compiling for 32x32" in err and " s" in err.splitlines()[-1]
+
+
+def test_segment_says_when_a_prompt_is_an_image_file(env, tmp_path):
+    img = write_image(tmp_path / "photo.jpg")
+    code, _, err = run(env, "segment", "-p", "cat", img, "--model", env["model"])
+    assert code == 2 and "no images given" in err and "is a file" in err and str(img) in err
+    assert "Traceback" not in err
+
+
+def test_segment_on_error_skip_goes_on_and_lists_the_skipped(env, tmp_path):
+    good = [write_image(tmp_path / f"ok{i}.png", seed=i) for i in range(2)]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    base = ["segment", good[0], bad, good[1], "-p", "cat", "--model", env["model"], "--gem-layers", "1",
+            "--size", "32"]
+    code, _, err = run(env, *base, "--out", tmp_path / "fail")
+    assert code == 1 and "broken.png" in err and "--on-error skip" in err
+    assert files(tmp_path / "fail") == []
+    code, _, err = run(env, *base, "--out", tmp_path / "skip", "--on-error", "skip")
+    assert code == 0, err
+    assert files(tmp_path / "skip") == ["ok0__cat.png", "ok0__grid.png", "ok1__cat.png", "ok1__grid.png"]
+    assert "wrote 4 file(s)" in err
+    tail = err[err.index("skipped 1 unreadable image"):]
+    assert str(bad) in tail
+
+
+def test_convert_random_then_segment_labels_the_pictures(env, tmp_path, monkeypatch, capsys):
+    from gem_jax import visualize
+    from gem_jax.config import ARCHITECTURES
+
+    monkeypatch.setitem(ARCHITECTURES, "Tiny-8", TINY)
+    code, err = in_process(["convert", "--random", "Tiny-8", "--out", tmp_path / "rnd", "--seed", "4"], capsys)
+    assert code == 0 and "RANDOM" in err, err
+    titles = []
+    for name in ("heatmap_grid", "label_figure"):
+        real = getattr(visualize, name)
+
+        def spy(*a, _real=real, **k):
+            fig = _real(*a, **k)
+            titles.append(fig._suptitle.get_text() if fig._suptitle else None)
+            return fig
+
+        monkeypatch.setattr(visualize, name, spy)
+    code, err = in_process(["segment", write_image(tmp_path / "a.png"), "-p", "cat", "--classes", "cat", "dog",
+                            "--model", tmp_path / "rnd", "--gem-layers", "1", "--size", "32",
+                            "--out", tmp_path / "o", "--no-compile-cache"], capsys)
+    assert code == 0, err
+    assert len(titles) == 2 and all(t and "RANDOM weights" in t for t in titles)

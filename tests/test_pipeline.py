@@ -168,3 +168,27 @@ def test_bad_images_raise_image_error(model, tmp_path):
         g.heatmaps(np.zeros((8, 8, 5), np.uint8), ["cat"])
     with pytest.raises(ValueError, match="one image"):
         g.segment([image(), image()], ["cat"])
+
+
+def test_heatmaps_at_the_original_image_size(model):
+    g = GEM(model, layers=2, size=32)
+    imgs = [image(40, 56), image(24, 30, seed=1)]
+    base = g.heatmaps(imgs, ["cat", "dog"])
+    big = g.heatmaps(imgs, ["cat", "dog"], output_size="original")
+    assert [x.shape for x in big.logits] == [(2, 40, 56), (2, 24, 30)]  # ragged sizes: a list
+    assert big.sizes == base.sizes == [(32, 32), (32, 32)]  # the model input sizes, as before
+    for i, (h, w) in enumerate([(40, 56), (24, 30)]):
+        # bilinear with half-pixel centres: each output pixel is a convex mix of its input neighbours
+        ys, xs = (np.arange(h) + 0.5) * 32 / h - 0.5, (np.arange(w) + 0.5) * 32 / w - 0.5
+        y0, x0 = np.clip(np.floor(ys), 0, 31).astype(int), np.clip(np.floor(xs), 0, 31).astype(int)
+        ty, tx = np.clip(ys - y0, 0, 1)[:, None], np.clip(xs - x0, 0, 1)[None]
+        y1, x1 = np.minimum(y0 + 1, 31), np.minimum(x0 + 1, 31)
+        src = np.asarray(base.logits[i], np.float64)
+        want = ((1 - ty) * (1 - tx) * src[:, y0][:, :, x0] + (1 - ty) * tx * src[:, y0][:, :, x1]
+                + ty * (1 - tx) * src[:, y1][:, :, x0] + ty * tx * src[:, y1][:, :, x1])
+        np.testing.assert_allclose(big.logits[i], want, atol=1e-5)
+        assert 0 <= big.heatmaps[i].min() and big.heatmaps[i].max() <= 1
+    same = g.heatmaps([image(40, 56), image(40, 56, seed=2)], ["cat"], output_size="original")
+    assert same.logits.shape == (2, 1, 40, 56)  # one size: stacked
+    with pytest.raises(ValueError, match="output_size"):
+        g.heatmaps(image(), ["cat"], output_size="native")

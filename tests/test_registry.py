@@ -243,3 +243,75 @@ def test_release_only_entry_says_where_the_file_is(fake_hub):
     msg = str(err.value)
     assert e.url in msg and str(weights_dir() / "ViT-B-16.laion400m_e32") in msg and "--activation gelu" in msg
     assert fake_hub.calls == []
+
+
+def test_hub_id_of_a_registry_entry_is_that_entry(tiny_registry, fake_hub, tmp_path):
+    """convert and resolve treat a registry model's repository id as the registry name:
+    same files, the model's own folder, the same offline message."""
+    from gem_jax.checkpoints import local_state
+
+    entry, repo = tiny_registry
+    target = weights_dir() / entry.local_name
+    fake_hub.network = False
+    messages = []
+    for src in (entry.name, "test/tiny-clip", "Test/Tiny-CLIP"):
+        with pytest.raises(ModelNotAvailableError) as err:
+            convert(src)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] == messages[2]
+    assert entry.name in messages[0] and str(target) in messages[0]
+    assert "open_clip_config.json" not in messages[0]  # the entry's transformers files, not a layout guess
+    fake_hub.network = True
+    assert local_state(entry.name) == "missing"
+    out = convert("test/tiny-clip")  # no --out: the registry folder
+    assert out == target.absolute() and is_converted(entry.name) and local_state(entry.name) == "converted"
+    meta = json.loads((target / "config.json").read_text())
+    assert meta["name"] == entry.name and meta["hub_repo"] == "test/tiny-clip"
+    assert resolve("test/tiny-clip").source == str(target)  # loads the converted copy, no download
+    with pytest.raises(ValueError, match="--out"):
+        convert(str(repo))  # a local directory is no registry model: it needs a target
+
+
+def test_local_state_tells_converted_original_and_missing(tiny_registry, clip_kit, tmp_path):
+    from gem_jax.checkpoints import local_state
+
+    entry, repo = tiny_registry
+    target = weights_dir() / entry.local_name
+    assert local_state(entry.name) == "missing"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("not weights")
+    assert local_state(entry.name) == "missing"
+    for f in ("config.json", "model.safetensors"):  # the files as downloaded by `hf download`
+        (target / f).write_bytes((repo / f).read_bytes())
+    assert local_state(entry.name) == "original" and not is_converted(entry.name)
+    assert resolve(entry.name).layout == "transformers"  # they load as they are
+    convert(entry.name, force=True)
+    assert local_state(entry.name) == "converted"
+
+
+def test_random_conversion_is_seeded_native_and_labelled(tmp_path, monkeypatch):
+    from gem_jax.checkpoints import convert_random
+    from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+
+    tiny = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2),
+                      text=TextConfig(width=32, layers=1, heads=2), embed_dim=32)
+    monkeypatch.setitem(ARCHITECTURES, "Tiny-8", tiny)
+    a = convert_random("Tiny-8", tmp_path / "a", seed=1)
+    b = convert_random("Tiny-8", tmp_path / "b", seed=1)
+    c = convert_random("Tiny-8", tmp_path / "c", seed=2)
+    meta = json.loads((a / "config.json").read_text())
+    assert meta["random_weights"] is True and meta["seed"] == 1 and meta["format"] == "gem-jax"
+    assert (a / "bpe_simple_vocab_16e6.txt.gz").is_file()  # the tokenizer travels with it
+    ka = read_native(a).params["visual"]["conv1"]["kernel"]
+    assert np.array_equal(ka, read_native(b).params["visual"]["conv1"]["kernel"])
+    assert not np.array_equal(ka, read_native(c).params["visual"]["conv1"]["kernel"])
+    model = gem_jax.load(str(a))
+    assert model.random_weights and read_native(a).config == tiny
+    assert "RANDOM weights" in repr(model) and len(repr(model)) < 300  # a summary, not the parameters
+    assert model.tokenizer(["a cat"]).shape == (1, 77)
+    again = convert(str(a), tmp_path / "copy")  # a converted copy stays labelled
+    assert gem_jax.load(str(again)).random_weights
+    with pytest.raises(ValueError, match="unknown architecture"):
+        convert_random("ViT-Q-99", tmp_path / "d")
+    with pytest.raises(FileExistsError):
+        convert_random("Tiny-8", tmp_path / "a")

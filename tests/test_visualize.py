@@ -184,16 +184,20 @@ def test_colorize_labels_rejects_bad_input():
         vis.colorize_labels(np.zeros((2, 2)), 2)
 
 
-def test_label_figure_legend_lists_exactly_the_present_classes():
+def test_label_figure_legend_lists_every_class_and_marks_the_absent_ones():
     labels = np.zeros((10, 14), dtype=np.int32)
     labels[2:5, 2:5] = 1
     labels[6:9, 8:12] = 3
     names = ["cat", "sofa", "floor", "plant"]
     fig = vis.label_figure(photo(20, 28), labels, names)
-    assert legend_names(fig) == ["background", "cat", "floor"]
+    assert legend_names(fig) == ["background", "cat", "sofa (not found)", "floor", "plant (not found)"]
     handles = fig.legends[0].legend_handles
     palette = vis.label_palette(4)
-    np.testing.assert_allclose([h.get_facecolor()[:3] for h in handles], palette[[0, 1, 3]] / 255)
+    found = [handles[i] for i in (0, 1, 3)]
+    np.testing.assert_allclose([h.get_facecolor()[:3] for h in found], palette[[0, 1, 3]] / 255)
+    for h, k in ((handles[2], 2), (handles[4], 4)):  # absent: an empty swatch outlined in the class colour
+        assert h.get_facecolor()[3] == 0
+        np.testing.assert_allclose(h.get_edgecolor()[:3], palette[k] / 255)
     panels = image_axes(fig)
     assert len(panels) == 2
     shown = panels[1].images[0].get_array()
@@ -201,11 +205,13 @@ def test_label_figure_legend_lists_exactly_the_present_classes():
     fig.canvas.draw()
 
     labels[labels == 0] = 2
-    assert legend_names(vis.label_figure(photo(10, 14), labels, names)) == ["cat", "sofa", "floor"]
+    everything = ["cat", "sofa", "floor", "plant (not found)"]
+    assert legend_names(vis.label_figure(photo(10, 14), labels, names)) == everything
     labels[0, 0] = 0
-    assert legend_names(vis.label_figure(photo(10, 14), labels, names, background=None)) == ["cat", "sofa", "floor"]
-    assert legend_names(vis.label_figure(photo(10, 14), labels, names, background="other")) == [
-        "other", "cat", "sofa", "floor"]
+    assert legend_names(vis.label_figure(photo(10, 14), labels, names, background=None)) == everything
+    assert legend_names(vis.label_figure(photo(10, 14), labels, names, background="other")) == ["other", *everything]
+    titled = vis.label_figure(photo(10, 14), labels, names, title="RANDOM weights")
+    assert titled._suptitle.get_text() == "RANDOM weights"
 
 
 def test_label_figure_rejects_bad_input():

@@ -1,6 +1,15 @@
 """Checkpoints: reading every layout users download, the native format, the registry and the hub."""
 
-from gem_jax.checkpoints.hub import ModelNotAvailableError, convert, is_converted, local_dir, resolve, weights_dir
+from gem_jax.checkpoints.hub import (
+    ModelNotAvailableError,
+    convert,
+    convert_random,
+    is_converted,
+    local_dir,
+    local_state,
+    resolve,
+    weights_dir,
+)
 from gem_jax.checkpoints.layouts import CheckpointError
 from gem_jax.checkpoints.native import read_native, save_native
 from gem_jax.checkpoints.readers import Checkpoint, read_checkpoint
@@ -24,10 +33,12 @@ __all__ = [
     "read_native",
     "resolve",
     "convert",
+    "convert_random",
     "available_models",
     "get_entry",
     "is_converted",
     "local_dir",
+    "local_state",
     "DEFAULT_MODEL",
     "MODELS",
     "weights_dir",

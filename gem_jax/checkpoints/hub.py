@@ -57,6 +57,20 @@ def is_converted(name: str) -> bool:
     return is_native(local_dir(name))
 
 
+def local_state(name: str) -> str:
+    """What :func:`local_dir` holds for a registry model: ``"converted"`` (a native copy),
+    ``"original"`` (its weights file in the published layout, read as is) or ``"missing"``."""
+    entry = get_entry(name)
+    local = weights_dir() / entry.local_name
+    if is_native(local):
+        return "converted"
+    names = {n for n in (entry.filename, entry.fallback_filename) if n}
+    if local.is_dir() and any(p.is_file() and (p.name in names or p.suffix in _WEIGHT_SUFFIXES)
+                              for p in local.iterdir()):
+        return "original"
+    return "missing"
+
+
 def resolve(name_or_path, *, offline: bool | None = None, activation: str | None = None) -> Checkpoint:
     """The :class:`Checkpoint` of a local path, registry name or Hugging Face repo id.
 
@@ -81,19 +95,27 @@ def resolve(name_or_path, *, offline: bool | None = None, activation: str | None
     return _resolve_other(src, offline, activation)
 
 
-def convert(source, out, *, force: bool = False, activation: str | None = None,
+def convert(source, out=None, *, force: bool = False, activation: str | None = None,
             offline: bool | None = None) -> pathlib.Path:
     """Reads ``source`` (path, registry name or hub id, any layout) and writes it to ``out``
     in the native format; returns ``out``.
 
-    Refuses an existing non-empty ``out`` without ``force`` (:class:`FileExistsError`);
-    a failed conversion leaves nothing behind.
+    A registry name, or the hub id of a registry entry, is that entry: the same files,
+    and by default (``out=None``) its folder in :func:`weights_dir`, where
+    :func:`resolve` looks. Refuses an existing non-empty ``out`` without ``force``
+    (:class:`FileExistsError`); a failed conversion leaves nothing behind.
     """
+    src = os.fspath(source)
+    entry = None if pathlib.Path(src).expanduser().exists() else _registry_entry(src)
+    if out is None:
+        if entry is None:
+            if not pathlib.Path(src).expanduser().exists() and _looks_like_path(src):
+                raise FileNotFoundError(f"no such checkpoint file or directory: {src}")
+            raise ValueError(f"{src} is not a registry model: give the output directory (--out DIR)")
+        out = weights_dir() / entry.local_name
     out = pathlib.Path(out).expanduser()
     _check_target(out.absolute(), force)  # fail before any download
-    src = os.fspath(source)
     offline = _offline(offline)
-    entry = None if pathlib.Path(src).expanduser().exists() else _registry_entry(src)
     if entry is not None:
         local = weights_dir() / entry.local_name
         if local.is_dir() and any(local.iterdir()):
@@ -105,6 +127,8 @@ def convert(source, out, *, force: bool = False, activation: str | None = None,
     else:
         ckpt = _resolve_other(src, offline, activation)
     meta = {"source": src, "source_layout": ckpt.layout}
+    if ckpt.random_weights:
+        meta["random_weights"] = True
     if entry is not None:
         meta.update(name=entry.name, hub_repo=entry.hub_repo)
     return save_native(out, ckpt.config, ckpt.params, ckpt.tokenizer_dir, force=force, metadata=meta)
@@ -117,8 +141,38 @@ def _offline(offline: bool | None) -> bool:
 
 
 def _registry_entry(src: str) -> ModelEntry | None:
+    """The entry of a registry name, or of its Hugging Face repository id."""
     hit = _canonical(src)
-    return MODELS[hit] if hit is not None else None
+    if hit is not None:
+        return MODELS[hit]
+    repo = src.strip().lower()
+    return next((e for e in MODELS.values() if e.hub_repo and e.hub_repo.lower() == repo), None)
+
+
+def convert_random(arch: str, out, *, seed: int = 0, force: bool = False) -> pathlib.Path:
+    """Writes seeded random weights of architecture ``arch`` (a key of
+    :data:`gem_jax.config.ARCHITECTURES`, or a registry name) to ``out`` in the native
+    format, with the bundled tokenizer; returns ``out``.
+
+    For trying every command without real weights: the config records
+    ``"random_weights": true``, and pictures made from such a model say so.
+    """
+    import importlib.resources
+
+    from gem_jax.models import init_params
+
+    from gem_jax.config import ARCHITECTURES
+
+    arch_name = arch.replace("/", "-")
+    entry = None if arch_name in ARCHITECTURES else _registry_entry(arch)
+    arch_name = entry.architecture if entry is not None else arch_name
+    config = architecture(arch_name)  # ValueError naming the known ones
+    out = pathlib.Path(out).expanduser()
+    _check_target(out.absolute(), force)
+    params = init_params(config, seed=seed)
+    tokenizer_dir = pathlib.Path(str(importlib.resources.files("gem_jax").joinpath("data")))
+    meta = {"source": f"random:{arch_name}", "source_layout": "random", "random_weights": True, "seed": seed}
+    return save_native(out, config, params, tokenizer_dir, force=force, metadata=meta)
 
 
 def _resolve_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
@@ -178,8 +232,12 @@ def _download_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
     return ckpt
 
 
+def _looks_like_path(src: str) -> bool:
+    return src.startswith((".", "/", "~")) or src.endswith(_WEIGHT_SUFFIXES + (".json",))
+
+
 def _resolve_other(src: str, offline: bool, activation) -> Checkpoint:
-    if src.startswith((".", "/", "~")) or src.endswith(_WEIGHT_SUFFIXES + (".json",)):
+    if _looks_like_path(src):
         raise FileNotFoundError(f"no such checkpoint file or directory: {src}")
     if ":" in src or not _HUB_ID.match(src) or _near_registry_name(src):
         raise UnknownModelError(f"unknown model {src!r}{suggestion(src)} (`gem-jax models` lists the registry; "
@@ -289,8 +347,8 @@ def _entry_unavailable(entry: ModelEntry, reason: str, offline: bool) -> ModelNo
         f"Download it once where there is network access:\n"
         f"    hf download {entry.hub_repo} {files} --local-dir {target}\n"
         f"(`huggingface-cli download` with the same arguments in older huggingface_hub); gem-jax then "
-        f"reads it from {target}. Or copy a converted {entry.local_name}/ directory (`gem-jax convert "
-        f"{entry.name} --out DIR`) into {weights_dir()}, or point GEM_JAX_WEIGHTS at a directory holding one.")
+        f"reads it from {target}. Or copy a {entry.local_name}/ directory converted elsewhere (`gem-jax convert "
+        f"{entry.name}`) into {weights_dir()}, or point GEM_JAX_WEIGHTS at a directory holding one.")
 
 
 def _release_only(entry: ModelEntry) -> ModelNotAvailableError:
@@ -303,5 +361,5 @@ def _release_only(entry: ModelEntry) -> ModelNotAvailableError:
         f"or convert it once: gem-jax convert FILE --out {target} --activation {entry.activation}")
 
 
-__all__ = ["ModelNotAvailableError", "weights_dir", "local_dir", "is_converted", "resolve", "convert",
-           "get_entry"]
+__all__ = ["ModelNotAvailableError", "weights_dir", "local_dir", "is_converted", "local_state", "resolve",
+           "convert", "convert_random", "get_entry"]

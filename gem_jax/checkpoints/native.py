@@ -159,7 +159,7 @@ def read_native(directory):
     key_map = {"/".join(path): (path, None) for path in _param_paths(config)}
     params = to_params(state, config, key_map, source=str(d / WEIGHTS_FILE))
     tok = d if has_tokenizer_files(d) else None
-    return Checkpoint(config, params, "native", tok, str(d))
+    return Checkpoint(config, params, "native", tok, str(d), random_weights=doc.get("random_weights") is True)
 
 
 def _param_paths(config: CLIPConfig) -> list[tuple[str, ...]]:

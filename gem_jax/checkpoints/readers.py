@@ -41,6 +41,7 @@ class Checkpoint:
       layout: ``"native"``, ``"transformers"``, ``"openclip"`` or ``"openai"`` (TorchScript).
       tokenizer_dir: a directory holding tokenizer files, if the checkpoint has them.
       source: where it was read from (a path, or a description of it).
+      random_weights: the weights are random (``gem-jax convert --random``), not trained.
     """
 
     config: CLIPConfig
@@ -48,6 +49,7 @@ class Checkpoint:
     layout: str
     tokenizer_dir: pathlib.Path | None
     source: str
+    random_weights: bool = False
 
 
 def has_tokenizer_files(directory: pathlib.Path) -> bool:
