@@ -69,6 +69,12 @@ def test_bench_with_reference_writes_table_and_json(tmp_path):
             assert e["ratio_vs_reference"] == pytest.approx(e["images_per_s"] / ref["images_per_s"])
             assert e["gflops"] == pytest.approx(case["gflop_per_image"]["total"] * case["batch"] / e["median_s"])
     assert "| 2 | 3 | reference gem-torch |" in stdout and "matmul peak" in stdout
+    # the peak is the best of a timing before the cases and one after each case
+    samples = result["matmul_peak_samples_gflops"]
+    assert len(samples) == 1 + len(result["cases"]) and result["matmul_peak_gflops"] == max(samples)
+    for case in result["cases"]:
+        for e in case["results"]:
+            assert e["fraction_of_peak"] == pytest.approx(e["gflops"] / result["matmul_peak_gflops"])
 
 
 def test_bench_usage_errors_are_one_line(tmp_path):
