@@ -144,6 +144,20 @@ def test_models_and_convert(env, tmp_path):
     assert code == 1 and "--force" in err
 
 
+def test_convert_registry_hub_id_is_the_registry_entry(env, tmp_path):
+    """The README's example: the hub id of ViT-B/16:openai is that model, same folder, same message."""
+    folder = str(pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"]) / "ViT-B-16.openai")
+    errs = []
+    for source in ("openai/clip-vit-base-patch16", "ViT-B/16:openai"):
+        code, _, err = run(env, "convert", source)
+        assert code == 1, err
+        errs.append(err)
+    assert errs[0] == errs[1] and folder in errs[0] and "ViT-B/16:openai" in errs[0]
+    assert "open_clip_config.json" not in errs[0] and "Traceback" not in errs[0]
+    code, _, err = run(env, "convert", env["model"])  # not a registry model: --out is needed
+    assert code == 2 and "--out" in err
+
+
 def test_no_command_is_usage_error(env):
     code, _, err = run(env)
     assert code == 2 and "segment" in err
