@@ -324,7 +324,7 @@ def cmd_convert(args) -> int:
     except checkpoints.UnknownModelError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:
-        raise RuntimeFailure(f"{e}; pass --force to replace it") from None
+        raise RuntimeFailure(str(e) if args.force else f"{e}; pass --force to replace it") from None
     except (checkpoints.ModelNotAvailableError, checkpoints.CheckpointError, FileNotFoundError) as e:
         raise RuntimeFailure(str(e)) from None
     print(f"converted {args.source} -> {out}", file=sys.stderr)

@@ -1,0 +1,91 @@
+"""Careless and hostile input: no lost data, no silent wrong results, no runaway runs, early failures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gem_jax import cli
+from gem_jax.checkpoints import save_native
+from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+from gem_jax.models import init_params
+
+TINY = CLIPConfig(
+    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
+    text=TextConfig(width=32, layers=1, heads=2),
+    embed_dim=32,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_native(path, TINY, init_params(TINY, seed=3))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GEM_JAX_WEIGHTS", str(tmp_path_factory.getbasetemp() / "weights"))
+
+
+def gem_jax_cli(capsys, *args):
+    """Runs the command in this process: (exit code, stderr)."""
+    code = cli.main([str(a) for a in args] + ["--no-compile-cache"] * (args[0] in ("segment", "eval")))
+    return code, capsys.readouterr().err
+
+
+def write_image(path, h=40, w=56, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def listing(d):
+    d = pathlib.Path(d)
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- convert --force
+
+
+def test_convert_force_never_removes_what_gem_jax_did_not_write(tiny_model, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "thesis.tex").write_text("years of work")
+    (work / "sub" / "data.csv").write_text("1,2")
+    before = listing(work)
+    monkeypatch.chdir(work)
+    for out in (".", work):  # the working directory itself, and any other directory of the user's
+        code, err = gem_jax_cli(capsys, "convert", tiny_model, "--out", out, "--force")
+        assert code == 1 and "refusing to replace" in err, err
+        assert listing(work) == before and (work / "thesis.tex").read_text() == "years of work"
+
+    # A converted checkpoint with a file of the user's added is refused too.
+    ckpt = tmp_path / "ckpt"
+    assert gem_jax_cli(capsys, "convert", tiny_model, "--out", ckpt)[0] == 0
+    (ckpt / "notes.txt").write_text("mine")
+    code, err = gem_jax_cli(capsys, "convert", tiny_model, "--out", ckpt, "--force")
+    assert code == 1 and "notes.txt" in err, err
+    assert (ckpt / "notes.txt").read_text() == "mine"
+
+
+def test_convert_force_replaces_its_own_checkpoint_atomically_with_the_umask(tiny_model, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    old_mask = os.umask(0o022)
+    try:
+        assert gem_jax_cli(capsys, "convert", tiny_model, "--out", ckpt)[0] == 0
+        first = (ckpt / "config.json").stat().st_ino
+        code, err = gem_jax_cli(capsys, "convert", tiny_model, "--out", ckpt, "--force")
+    finally:
+        os.umask(old_mask)
+    assert code == 0, err
+    assert (ckpt / "config.json").stat().st_ino != first  # a new copy, renamed into place
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()} == {0o644}
+    assert listing(tmp_path) == ["ckpt", "ckpt/config.json", "ckpt/model.safetensors"]  # no .tmp or .old left
