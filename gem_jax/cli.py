@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import re
@@ -131,22 +132,35 @@ def enable_compile_cache(directory: str | None) -> pathlib.Path:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60]
+
+
+def _prompt_name(prompt: str) -> str:
+    """The file-name part of a prompt: its slug when that keeps everything (lower case, words
+    joined by ``_``), else the slug plus a short hash, so names never collide, even on
+    case-insensitive file systems, and do not depend on the other prompts."""
+    slug = _slug(prompt).lower()
+    if slug and slug not in ("grid", "labels") and slug.replace("_", " ") == prompt:
+        return slug
+    return f"{slug or 'prompt'}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"
 
 
 def _plan_outputs(paths, prompts, classes, out_dir: pathlib.Path):
-    """Per image: (overlay paths per prompt, grid path, label path | None)."""
-    plans, seen = [], {}
+    """Per image: (overlay paths per prompt, grid path, label path | None), all names distinct."""
+    plans, used = [], set()
     for path in paths:
-        stem = _slug(path.stem)
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        if n:
-            stem = f"{stem}_{n}"
-        overlays = [out_dir / f"{stem}__{_slug(p)}.png" for p in prompts]
+        base = _slug(path.stem) or "image"
+        stem, n = base, 0
+        while stem.lower() in used:  # images of the same name from different folders
+            n += 1
+            stem = f"{base}_{n}"
+        used.add(stem.lower())
+        overlays = [out_dir / f"{stem}__{_prompt_name(p)}.png" for p in prompts]
         grid = out_dir / f"{stem}__grid.png" if prompts else None
         labels = out_dir / f"{stem}__labels.png" if classes else None
         plans.append((overlays, grid, labels))
+    names = [str(p).lower() for plan in plans for p in (*plan[0], *plan[1:]) if p is not None]
+    assert len(set(names)) == len(names), "output names collide"
     return plans
 
 
@@ -213,7 +227,7 @@ def cmd_segment(args) -> int:
         raise UsageError(str(e)) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_logits, all_heat, sizes = [], [], []
+    all_logits, all_heat, sizes, written = [], [], [], 0
     for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
         if prompts:
             out = gem.heatmaps(image, prompts)
@@ -225,16 +239,18 @@ def cmd_segment(args) -> int:
             for p_idx, target in enumerate(overlays):
                 visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
                                    target, overwrite=args.force)
+                written += 1
             fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha)
             visualize.save_png(fig, grid, overwrite=args.force)
+            written += 1
         if classes:
             labels = gem.segment(image, classes, args.background_threshold)
             labels = _to_original_size(labels, image.shape[:2], nearest=True)
             fig = visualize.label_figure(image, labels, classes)
             visualize.save_png(fig, labels_path, overwrite=args.force)
+            written += 1
     if args.save_logits:
         _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
-    written = len(targets)
     print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else ""),
           file=sys.stderr)
     return EXIT_OK

@@ -89,3 +89,28 @@ def test_convert_force_replaces_its_own_checkpoint_atomically_with_the_umask(tin
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()} == {0o644}
     assert listing(tmp_path) == ["ckpt", "ckpt/config.json", "ckpt/model.safetensors"]  # no .tmp or .old left
+
+
+# ----------------------------------------------------------------------------- output names
+
+
+def test_segment_output_names_are_distinct_and_the_count_is_true(tiny_model, tmp_path, capsys):
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "a.png")
+    write_image(tmp_path / "d2" / "a_1.png", seed=1)
+    prompts = ["Cat", "cat", "cat!", "猫", "собака", "grid", "labels"]
+    out = tmp_path / "out"
+    code, err = gem_jax_cli(capsys, "segment", tmp_path / "d1", tmp_path / "d2", "-p", *prompts, "--classes",
+                            "cat", "dog", "--model", tiny_model, "--gem-layers", "1", "--size", "32", "--out", out)
+    assert code == 0, err
+    names = listing(out)
+    assert len(names) == 3 * (len(prompts) + 2)  # per image: an overlay per prompt, the grid, the label map
+    assert len({n.lower() for n in names}) == len(names)  # distinct on case-insensitive file systems too
+    assert f"wrote {len(names)} file(s)" in err
+    assert "a__cat.png" in names and "a__grid.png" in names  # plain prompts keep plain names
+    # a name depends on its prompt only, not on the others given with it
+    code, err = gem_jax_cli(capsys, "segment", tmp_path / "d1" / "a.png", "-p", "猫", "--model", tiny_model,
+                            "--gem-layers", "1", "--size", "32", "--out", tmp_path / "solo")
+    assert code == 0, err
+    assert set(listing(tmp_path / "solo")) - {"a__grid.png"} <= set(names)
