@@ -175,8 +175,13 @@ def cmd_segment(args) -> int:
         raise UsageError("a class name is empty")
     if not prompts and not classes:
         raise UsageError("nothing to localise: give prompts with -p PROMPT (or class names with --classes)")
-    if len(set(prompts)) != len(prompts):
-        raise UsageError("a prompt is given twice")
+    from gem_jax.tokenizer import first_duplicate
+
+    for what, names in (("prompt", prompts), ("class", classes or ())):
+        dup = first_duplicate(names)
+        if dup:  # duplicate classes would split their probability between the copies
+            same = "is given twice" if dup[0] == dup[1] else f"and {dup[0]!r} are the same to the model"
+            raise UsageError(f"{what} {dup[1]!r} {same}; give each once")
     if args.save_logits and not prompts:
         raise UsageError("--save-logits needs prompts (-p)")
     if not args.images and not args.example:

@@ -19,7 +19,7 @@ from gem_jax import preprocess
 from gem_jax.config import CLIPConfig
 from gem_jax.models import TextTransformer, VisionTransformer
 from gem_jax.models.layers import l2_normalize, resize_2d
-from gem_jax.tokenizer import Tokenizer
+from gem_jax.tokenizer import Tokenizer, first_duplicate
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 #: CLIP's logit scale, used for the class softmax of :meth:`GEM.segment`.
@@ -308,6 +308,11 @@ class GEM:
         """
         if isinstance(class_names, str):
             class_names = [class_names]
+        class_names = _prompt_sets(class_names, 1)[0]
+        dup = first_duplicate(class_names)
+        if dup:
+            raise ValueError(f"class names {dup[0]!r} and {dup[1]!r} are the same to the model (it ignores case "
+                             "and spacing): the copies would split the probability; give each class once")
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")
         images = preprocess.as_image_list(image)

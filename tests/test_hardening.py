@@ -99,7 +99,7 @@ def test_segment_output_names_are_distinct_and_the_count_is_true(tiny_model, tmp
         (tmp_path / folder).mkdir()
         write_image(tmp_path / folder / "a.png")
     write_image(tmp_path / "d2" / "a_1.png", seed=1)
-    prompts = ["Cat", "cat", "cat!", "猫", "собака", "grid", "labels"]
+    prompts = ["Cat", "cat!", "cat.", "猫", "собака", "grid", "labels", "a cat"]
     out = tmp_path / "out"
     code, err = gem_jax_cli(capsys, "segment", tmp_path / "d1", tmp_path / "d2", "-p", *prompts, "--classes",
                             "cat", "dog", "--model", tiny_model, "--gem-layers", "1", "--size", "32", "--out", out)
@@ -108,9 +108,28 @@ def test_segment_output_names_are_distinct_and_the_count_is_true(tiny_model, tmp
     assert len(names) == 3 * (len(prompts) + 2)  # per image: an overlay per prompt, the grid, the label map
     assert len({n.lower() for n in names}) == len(names)  # distinct on case-insensitive file systems too
     assert f"wrote {len(names)} file(s)" in err
-    assert "a__cat.png" in names and "a__grid.png" in names  # plain prompts keep plain names
+    assert "a__a_cat.png" in names and "a__grid.png" in names  # plain prompts keep plain names
     # a name depends on its prompt only, not on the others given with it
     code, err = gem_jax_cli(capsys, "segment", tmp_path / "d1" / "a.png", "-p", "猫", "--model", tiny_model,
                             "--gem-layers", "1", "--size", "32", "--out", tmp_path / "solo")
     assert code == 0, err
     assert set(listing(tmp_path / "solo")) - {"a__grid.png"} <= set(names)
+
+
+# ----------------------------------------------------------------------------- duplicate classes
+
+
+@pytest.mark.parametrize("classes", [["cat", "dog", "cat"], ["Cat", "dog", "cat "]])
+def test_duplicate_classes_are_refused(tiny_model, tmp_path, capsys, classes):
+    img = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    code, err = gem_jax_cli(capsys, "segment", img, "--classes", *classes, "--model", tiny_model, "--gem-layers", "1",
+                            "--size", "32", "--out", out)
+    assert code == 2 and "give each once" in err, err
+    assert not out.exists()
+
+    import gem_jax
+
+    gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, size=32)
+    with pytest.raises(ValueError, match="give each class once"):
+        gem.segment(str(img), classes)
