@@ -123,7 +123,14 @@ def enable_compile_cache(directory: str | None) -> pathlib.Path:
 
     path = pathlib.Path(directory or os.environ.get("GEM_JAX_COMPILE_CACHE")
                         or pathlib.Path.home() / ".cache" / "gem_jax" / "xla").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"the compilation cache must be a directory, {path} is a file "
+                         "(pass --compile-cache DIR or --no-compile-cache)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot create the compilation cache {path} ({e.strerror or e}); "
+                             "pass --compile-cache DIR or --no-compile-cache") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     # The defaults skip programs compiled in under a second; ours are all worth keeping.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -164,6 +171,51 @@ def _plan_outputs(paths, prompts, classes, out_dir: pathlib.Path):
     return plans
 
 
+def _vision_layers(name) -> int | None:
+    """The model's vision depth when known without loading it (registry names, native directories)."""
+    import json
+
+    from gem_jax import checkpoints, config
+
+    try:
+        if name and pathlib.Path(name).expanduser().is_dir():
+            doc = json.loads((pathlib.Path(name).expanduser() / "config.json").read_text(encoding="utf-8"))
+            return config.CLIPConfig.from_dict(doc["clip"]).vision.layers
+        return config.architecture(checkpoints.get_entry(name or checkpoints.DEFAULT_MODEL).architecture).vision.layers
+    except Exception:  # anything else is checked once the model is loaded
+        return None
+
+
+def _check_options(args, out_dir: pathlib.Path) -> None:
+    """Every option and output path that needs no model, checked before the slow model load."""
+    import numpy as np
+
+    from gem_jax import gem as gem_lib
+    from gem_jax import pipeline, preprocess, visualize
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out must be a directory, {out_dir} is a file")
+    if args.save_logits:
+        logits = pathlib.Path(args.save_logits)
+        if logits.is_dir() or not logits.name.endswith(".npz"):
+            raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
+        if logits.parent.exists() and not logits.parent.is_dir():
+            raise UsageError(f"--save-logits: {logits.parent} is a file, not a directory")
+    try:
+        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature)
+        preprocess.target_size(224, 224, size=args.size, short_side=args.short_side)
+        pipeline.GEM._templates(args.template)
+        visualize.colorize(np.zeros((1, 1)), args.cmap)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_depth(args) -> None:
+    depth = _vision_layers(args.model) if args.method == "gem" else None
+    if depth is not None and args.gem_layers > depth:
+        raise UsageError(f"--gem-layers {args.gem_layers} exceeds the model's {depth} vision blocks")
+
+
 def cmd_segment(args) -> int:
     from gem_jax import preprocess
 
@@ -195,6 +247,7 @@ def cmd_segment(args) -> int:
 
         paths.append(example_image_path())
     out_dir = pathlib.Path(args.out)
+    _check_options(args, out_dir)
     plans = _plan_outputs(paths, prompts, classes, out_dir)
     targets = [p for overlays, grid, labels in plans for p in (*overlays, grid, labels) if p is not None]
     if args.save_logits:
@@ -204,20 +257,17 @@ def cmd_segment(args) -> int:
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise RuntimeFailure(f"output file exists: {existing[0]}{more}; pass --force to overwrite")
-    if args.save_logits and not str(args.save_logits).endswith(".npz"):
-        raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
 
     # Decode every image before the (slow) model load, so a bad file fails fast.
     try:
         images = [preprocess.load_image(p) for p in paths]
     except preprocess.ImageError as e:
         raise RuntimeFailure(str(e)) from None
+    _check_depth(args)
 
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
-    import numpy as np
-
-    from gem_jax import pipeline, visualize
+    from gem_jax import pipeline
 
     model = _load_model(args.model)
     try:
@@ -226,12 +276,20 @@ def cmd_segment(args) -> int:
                            short_side=args.short_side, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    try:
-        visualize.colorize(np.zeros((1, 1)), args.cmap)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir)
+    except BaseException:
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave no empty output directory behind
+        raise
+
+
+def _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir) -> int:
+    from gem_jax import visualize
+
     all_logits, all_heat, sizes, written = [], [], [], 0
     for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
         if prompts:

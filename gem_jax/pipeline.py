@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib.resources
 import pathlib
+import string
 from typing import Any, Sequence
 
 import jax
@@ -131,6 +132,15 @@ def _prompt_sets(prompts, n_images: int) -> list[list[str]]:
     return sets
 
 
+def _template_fields(template: str) -> list[str] | None:
+    """The replacement fields of a template (``[""]`` for one ``{}``), or None if it is malformed."""
+    try:
+        return [field for _, field, spec, conv in string.Formatter().parse(template) if field is not None
+                for field in [field + (spec or "") + (conv or "")]]
+    except ValueError:
+        return None
+
+
 class GEM:
     """Open-vocabulary heatmaps and segmentation from a CLIP model with the GEM path.
 
@@ -216,8 +226,9 @@ class GEM:
         if not templates:
             raise ValueError("no prompt template given")
         for t in templates:
-            if not isinstance(t, str) or "{}" not in t:
-                raise ValueError(f"a prompt template must be a string containing '{{}}', got {t!r}")
+            if not isinstance(t, str) or _template_fields(t) != [""]:
+                raise ValueError(f"a prompt template must be a string with exactly one {{}} and no other braces "
+                                 f"(write {{{{ or }}}} for a literal brace), got {t!r}")
         return templates
 
     def embed_text(self, prompts: Sequence[str]) -> np.ndarray:
@@ -290,6 +301,9 @@ class GEM:
                     text[row, :len(sets[i])] = [table[p] for p in sets[i]]
                     mask[row, :len(sets[i])] = True
                 lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
+                if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
+                    raise FloatingPointError("the model produced NaN or infinite similarities; check its "
+                                             "weights and the options (temperature, dtype)")
                 for row, i in enumerate(idx):
                     logits[i] = lg[row, :len(sets[i])]
                     heat[i] = hm[row, :len(sets[i])]

@@ -37,7 +37,10 @@ def _offline(monkeypatch, tmp_path_factory):
 
 def gem_jax_cli(capsys, *args):
     """Runs the command in this process: (exit code, stderr)."""
-    code = cli.main([str(a) for a in args] + ["--no-compile-cache"] * (args[0] in ("segment", "eval")))
+    try:
+        code = cli.main([str(a) for a in args] + ["--no-compile-cache"] * (args[0] in ("segment", "eval")))
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
     return code, capsys.readouterr().err
 
 
@@ -133,3 +136,41 @@ def test_duplicate_classes_are_refused(tiny_model, tmp_path, capsys, classes):
     gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, size=32)
     with pytest.raises(ValueError, match="give each class once"):
         gem.segment(str(img), classes)
+
+
+# ----------------------------------------------------------------------------- degenerate numbers
+
+
+@pytest.mark.parametrize("option", [["--temperature", "1e-30"], ["--temperature", "inf"],
+                                    ["--iterations", "1000000000"], ["--size", "0"], ["--size", "32x0"]])
+def test_degenerate_numbers_are_refused_with_the_valid_range(tiny_model, tmp_path, capsys, option):
+    img = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    code, err = gem_jax_cli(capsys, "segment", img, "-p", "cat", "--classes", "cat", "dog", "--model", tiny_model,
+                            "--gem-layers", "1", "--size", "32", *option, "--out", out)
+    assert code == 2, err
+    assert option[0] in err or "temperature" in err or "iterations" in err, err
+    assert not out.exists()
+
+
+def test_tiny_temperature_in_the_api_is_refused_not_nan(tiny_model):
+    import gem_jax
+    from gem_jax.gem import MIN_TEMPERATURE
+
+    model = gem_jax.load(str(tiny_model))
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0.001"):
+        gem_jax.GEM(model, layers=1, size=32, temperature=1e-30)
+    out = gem_jax.GEM(model, layers=1, size=32, temperature=MIN_TEMPERATURE).heatmaps(
+        np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8), ["cat", "dog"])
+    assert np.isfinite(out.logits).all()  # the smallest accepted value still computes
+
+
+def test_nan_weights_are_an_error_at_load(tmp_path):
+    import gem_jax
+    from gem_jax.checkpoints import CheckpointError
+
+    params = init_params(TINY, seed=3)
+    params["visual"]["ln_post"]["scale"] = np.full_like(np.asarray(params["visual"]["ln_post"]["scale"]), np.nan)
+    save_native(tmp_path / "bad", TINY, params)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor\(s\): visual/ln_post/scale"):
+        gem_jax.load(str(tmp_path / "bad"))
