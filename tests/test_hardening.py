@@ -174,3 +174,34 @@ def test_nan_weights_are_an_error_at_load(tmp_path):
     save_native(tmp_path / "bad", TINY, params)
     with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor\(s\): visual/ln_post/scale"):
         gem_jax.load(str(tmp_path / "bad"))
+
+
+# ----------------------------------------------------------------------------- eval: results, state, signals
+
+
+@pytest.fixture
+def voc(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gem_jax.eval.protocols import GEM_PROTOCOL, PROTOCOLS
+    from test_eval_datasets import make_voc
+
+    make_voc(tmp_path / "voc")
+    monkeypatch.setitem(PROTOCOLS, "gem", dataclasses.replace(GEM_PROTOCOL, short_side=32))
+    return tmp_path / "voc"
+
+
+def eval_args(voc, tiny_model, *extra):
+    return ("eval", "--dataset", "voc", "--root", voc, "--model", tiny_model, "--gem-layers", "1",
+            "--no-progress", *extra)
+
+
+def test_eval_out_is_not_overwritten_without_force(voc, tiny_model, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("last week's results")
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1"))
+    assert code == 1 and "--force" in err, err
+    assert out.read_text() == "last week's results"
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1", "--force"))
+    assert code == 0, err
+    assert '"mIoU"' in out.read_text()

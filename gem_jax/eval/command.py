@@ -50,6 +50,7 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--state", metavar="FILE.npz", default=None,
                    help="resume state (default FILE.json.state.npz beside --out; none without --out)")
     p.add_argument("--restart", action="store_true", help="discard an existing state file and start over")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="an unreadable image or annotation stops the run (fail) or is skipped and listed (skip)")
     p.add_argument("--batch-size", type=argtypes.positive_int, default=None, help="images per forward pass")
@@ -91,6 +92,8 @@ def _execute(args) -> int:
     out = pathlib.Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise _Usage(f"--out must name a file, {out} is a directory")
+    if out is not None and out.exists() and not getattr(args, "force", False):
+        raise _Runtime(f"output file exists: {out}; pass --force to overwrite")
     state = pathlib.Path(args.state) if args.state else (out.with_name(out.name + ".state.npz") if out else None)
     if args.restart and state is not None:
         state.unlink(missing_ok=True)
