@@ -8,10 +8,9 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import traceback
 
-from gem_jax import argtypes
+from gem_jax import _files, argtypes
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -279,6 +278,7 @@ def cmd_segment(args) -> int:
 
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _files.remove_stale(out_dir)  # leftovers of a killed run
     try:
         return _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir)
     except BaseException:
@@ -349,14 +349,8 @@ def _save_logits(path: pathlib.Path, logits, heat, prompts, paths, sizes, force)
         for i, (lg, hm) in enumerate(zip(logits, heat)):
             arrays[f"logits_{i}"], arrays[f"heatmaps_{i}"] = lg, hm
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    _files.remove_stale(path.parent)
+    _files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _progress(items, desc):

@@ -205,3 +205,96 @@ def test_eval_out_is_not_overwritten_without_force(voc, tiny_model, tmp_path, ca
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1", "--force"))
     assert code == 0, err
     assert '"mIoU"' in out.read_text()
+
+
+def test_eval_saves_its_state_on_sigterm(voc, tiny_model, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from gem_jax.eval import runner
+
+    class NotHandled(Exception):
+        pass
+
+    def unhandled(signum, frame):  # stands in for the default action (death without a save)
+        raise NotHandled()
+
+    real, calls = runner._Run.score_labels, []
+
+    def preempted(self, sample, label, logits):
+        calls.append(sample.id)
+        real(self, sample, label, logits)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler pre-empts the job after the second image
+
+    monkeypatch.setattr(runner._Run, "score_labels", preempted)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", tmp_path / "r.json",
+                                                    "--batch-size", "1"))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the command put it back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "terminated" in err and "resume" in err, err
+    with np.load(tmp_path / "r.json.state.npz") as z:
+        assert len(z["done"]) == 2
+
+
+def test_eval_saves_its_state_by_time_not_image_count(voc, tiny_model, tmp_path, monkeypatch):
+    import gem_jax
+    from gem_jax.eval import datasets, runner
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    real, seen = runner._Run.score_labels, []
+    state = tmp_path / "s.npz"
+
+    def slow(self, sample, label, logits):
+        if state.exists():
+            with np.load(state) as z:
+                seen.append(len(z["done"]))
+        real(self, sample, label, logits)
+        clock[0] += 61.0  # a minute per image
+
+    monkeypatch.setattr(runner._Run, "score_labels", slow)
+    gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, batch_size=1)
+    runner.evaluate(gem, datasets.voc(voc), "gem", state_file=state, batch_size=1, progress=False)
+    assert seen == [1, 2]  # saved after every image that took more than the 60 s interval
+
+
+@pytest.mark.parametrize("content", ["truncated", "foreign"])
+def test_eval_damaged_state_file_gets_a_message_naming_it(voc, tiny_model, tmp_path, capsys, content):
+    out = tmp_path / "r.json"
+    state = tmp_path / "r.json.state.npz"
+    assert gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1"))[0] == 0
+    data = state.read_bytes()
+    if content == "truncated":
+        state.write_bytes(data[: len(data) // 2])
+    else:
+        np.savez(state, weights=np.zeros(3))
+    out.unlink()
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out))
+    assert code == 1, err
+    assert str(state) in err and "--restart" in err and "rerun" not in err, err
+    assert "BadZipFile" not in err.replace("(BadZipFile)", "")  # named as the cause, not as the message
+    assert len(err.strip().splitlines()) == 1
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--restart"))
+    assert code == 0, err
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(voc, tiny_model, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    (out_dir / ".notes.tmp").write_text("the user's")
+    proc = subprocess.run([sys.executable, "-c",
+                           "import os, sys; from gem_jax import _files\n"
+                           "fd, temp = _files.open_temp(sys.argv[1]); os.write(fd, b'half'); os.kill(os.getpid(), 9)",
+                           str(out_dir / "r.json")])
+    assert proc.returncode == -9
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(".r.json.")]
+    assert len(leftovers) == 1
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out_dir / "r.json", "--limit", "1"))
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == [".notes.tmp", "r.json", "r.json.state.npz"]
