@@ -111,6 +111,9 @@ def _bucket(n: int, smallest: int) -> int:
 def _prompt_sets(prompts, n_images: int) -> list[list[str]]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if prompts is None or not hasattr(prompts, "__iter__") or isinstance(prompts, (bytes, dict)):
+        raise ValueError(f"prompts must be a string, a list of strings or a list of lists of strings, got "
+                         f"{type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")

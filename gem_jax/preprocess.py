@@ -314,12 +314,14 @@ def expand_image_paths(items: Sequence[str]) -> list[pathlib.Path]:
 
     Each item is an existing file (taken as is), a directory (its files with an
     extension in IMAGE_EXTENSIONS, sorted, not recursive) or a glob pattern (its
-    matching image files, sorted; ``**`` recurses). Raises :class:`ImageError` for a
-    missing file, a directory without images or a pattern matching no image.
+    matching image files, sorted; ``**`` recurses). A file reached twice (named twice,
+    through a symlink or a symlink loop) is kept once, at its first place. Raises
+    :class:`ImageError` for a missing file, a directory without images or a pattern
+    matching no image.
     """
     if isinstance(items, (str, os.PathLike)):
         items = [items]
-    out: list[pathlib.Path] = []
+    out = _Unique()
     for item in items:
         text = os.fspath(item)
         path = pathlib.Path(text)
@@ -338,4 +340,22 @@ def expand_image_paths(items: Sequence[str]) -> list[pathlib.Path]:
             out.extend(found)
         else:
             raise ImageError(f"image file not found: {text}")
-    return out
+    return list(out)
+
+
+class _Unique(list):
+    """A list of paths that ignores a path whose real file it already holds."""
+
+    def __init__(self):
+        super().__init__()
+        self._real = set()
+
+    def append(self, path):
+        real = os.path.realpath(path)
+        if real not in self._real:
+            self._real.add(real)
+            super().append(path)
+
+    def extend(self, paths):
+        for p in paths:
+            self.append(p)

@@ -298,3 +298,71 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(voc, tiny_model, tm
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out_dir / "r.json", "--limit", "1"))
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == [".notes.tmp", "r.json", "r.json.state.npz"]
+
+
+# ----------------------------------------------------------------------------- fail early, in our words
+
+
+@pytest.mark.parametrize("case", ["logits_dir", "out_file", "cache_file", "size0", "layers", "template",
+                                  "temperature"])
+def test_segment_refuses_bad_options_before_loading_the_model(tiny_model, tmp_path, capsys, monkeypatch, case):
+    def no_load(name):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    img = write_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    extra = {"logits_dir": ["--save-logits", tmp_path], "out_file": [], "cache_file": [],
+             "size0": ["--size", "0"], "layers": ["--gem-layers", "4"], "template": ["--template", "a {} of {}"],
+             "temperature": ["--temperature", "1e-9"]}[case]
+    if case == "out_file":
+        out = tmp_path / "out.txt"
+        out.write_text("a file")
+    args = ["segment", img, "-p", "cat", "--model", tiny_model, "--gem-layers", "1", "--out", out, *extra]
+    if case == "cache_file":
+        (tmp_path / "cache").write_text("a file")
+        code = cli.main([str(a) for a in args] + ["--compile-cache", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+    else:
+        code, err = gem_jax_cli(capsys, *args)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Error" not in err and "overwrite=True" not in err, err
+    assert out.is_file() if case == "out_file" else not out.exists()  # and no empty directory left
+
+
+def test_eval_refuses_bad_options_before_loading_the_model(voc, tiny_model, tmp_path, capsys, monkeypatch):
+    from gem_jax.eval import command
+
+    monkeypatch.setattr(command, "_load_model", lambda name: pytest.fail("the model was loaded"))
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--temperature", "1e-9"))
+    assert code == 2 and "temperature" in err, err
+    (tmp_path / "preds").write_text("a file")
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--save-predictions", tmp_path / "preds"))
+    assert code == 2 and "--save-predictions" in err, err
+
+
+def test_api_errors_are_one_sentence_in_our_words(tiny_model):
+    import gem_jax
+
+    model = gem_jax.load(str(tiny_model))
+    with pytest.raises(ValueError, match="exactly one {}"):
+        gem_jax.GEM(model, layers=1, template="a {} of {}")
+    gem = gem_jax.GEM(model, layers=1, size=32)
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="prompts must be a string, a list of strings"):
+        gem.heatmaps(image, None)
+    with pytest.raises(ValueError, match="prompts must be"):
+        gem.segment(image, None)
+
+
+def test_inputs_are_deduplicated_by_real_path(tmp_path):
+    from gem_jax import preprocess
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    write_image(d / "cat.png")
+    (d / "loop").symlink_to(d)  # a symlink loop: ** finds cat.png again at every depth
+    (tmp_path / "alias.png").symlink_to(d / "cat.png")
+    found = preprocess.expand_image_paths([str(d / "**" / "*.png"), str(d / "cat.png"), str(tmp_path / "alias.png"),
+                                           str(d)])
+    assert found == [d / "cat.png"]

@@ -132,6 +132,13 @@ def _execute(args) -> int:
     from gem_jax import pipeline
     from gem_jax.eval.runner import EvaluationError, StateFileError, evaluate, write_json
 
+    from gem_jax import gem as gem_lib
+
+    try:  # option values, before the slow model load
+        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature,
+                           projections=args.projections, normalize=not args.no_norm)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
     model = _load_model(args.model)
     try:
         gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
