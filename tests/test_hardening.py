@@ -366,3 +366,29 @@ def test_inputs_are_deduplicated_by_real_path(tmp_path):
     found = preprocess.expand_image_paths([str(d / "**" / "*.png"), str(d / "cat.png"), str(tmp_path / "alias.png"),
                                            str(d)])
     assert found == [d / "cat.png"]
+
+
+def test_offline_hub_names_fail_fast_without_download_attempts(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from gem_jax import checkpoints
+    from gem_jax.checkpoints.hub import _hub_errors
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.chdir(tmp_path)
+    attempts = []
+
+    def fake_download(repo, filename, local_files_only=False, **kw):
+        attempts.append(local_files_only)
+        if local_files_only:
+            raise _hub_errors()[1]("not in the cache")
+        raise OSError("connection failed after the client's retries")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(checkpoints.ModelNotAvailableError) as e:
+        checkpoints.resolve("someorg/some-model")
+    assert "no local file or directory someorg/some-model" in str(e.value)
+    assert "cannot be reached" in str(e.value)
+    assert attempts and not any(a is False for a in attempts)  # only the cache was asked, no network attempt
