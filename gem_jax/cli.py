@@ -275,6 +275,11 @@ def cmd_segment(args) -> int:
                            short_side=args.short_side, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:  # every image's memory need, before anything is computed
+        for image in images:
+            gem.check_memory(gem._input_size(image, None, None), 1, len(prompts) or len(classes))
+    except pipeline.MemoryLimitError as e:
+        raise RuntimeFailure(str(e)) from None
 
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)

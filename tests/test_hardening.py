@@ -392,3 +392,63 @@ def test_offline_hub_names_fail_fast_without_download_attempts(monkeypatch, tmp_
     assert "no local file or directory someorg/some-model" in str(e.value)
     assert "cannot be reached" in str(e.value)
     assert attempts and not any(a is False for a in attempts)  # only the cache was asked, no network attempt
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_long_side_is_capped_in_short_side_mode(tiny_model):
+    import gem_jax
+    from gem_jax import preprocess
+
+    assert preprocess.target_size(5, 5000, short_side=448, patch_size=16, max_long_side=2048) == (16, 2048)
+    assert preprocess.target_size(5000, 5, short_side=448, patch_size=16, max_long_side=2048) == (2048, 16)
+    assert preprocess.target_size(375, 500, short_side=448, patch_size=16, max_long_side=2048) == (448, 592)
+    gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, short_side=448)
+    assert max(gem._input_size(np.zeros((5, 5000, 3), np.uint8), None, None)) == gem_jax.pipeline.MAX_LONG_SIDE
+    free = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, short_side=448, max_long_side=None)
+    assert free._input_size(np.zeros((5, 5000, 3), np.uint8), None, None) == (448, 448000)
+
+
+def test_memory_estimate_refuses_with_the_figure_and_the_way_out(tiny_model, tmp_path, capsys):
+    import gem_jax
+    from gem_jax.pipeline import MemoryLimitError, estimate_memory
+
+    model = gem_jax.load(str(tiny_model))
+    # the estimate grows with the size and shrinks with the schedule
+    small, big = (estimate_memory(TINY, hw, 1, 1) for hw in ((32, 32), (2048, 2048)))
+    assert big > 2 ** 34 > small
+    one = gem_jax.gem.Schedule(head_chunk=1, image_chunk=1)
+    assert estimate_memory(TINY, (512, 512), 4, 1, schedule=one) < estimate_memory(
+        TINY, (512, 512), 4, 1, schedule=gem_jax.gem.Schedule())
+    gem = gem_jax.GEM(model, layers=1, size=2048, memory_limit=8 * 2 ** 30)
+    with pytest.raises(MemoryLimitError, match=r"2048x2048 .* needs about \d+\.\d GiB, more than the 8\.0 GiB .*"
+                                               r"head_chunk=1"):
+        gem.heatmaps(np.zeros((32, 32, 3), np.uint8), ["cat"])
+    img = write_image(tmp_path / "a.png")
+    code, err = gem_jax_cli(capsys, "segment", img, "-p", "cat", "--model", tiny_model, "--gem-layers", "1",
+                            "--size", "4096", "--out", tmp_path / "out")
+    assert code == 1 and "GiB" in err and "smaller size" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_prompts_go_in_chunks_with_the_same_results(tiny_model, monkeypatch):
+    import gem_jax
+    from gem_jax import pipeline
+
+    model = gem_jax.load(str(tiny_model))
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    prompts = [f"thing number {i}" for i in range(21)]
+    whole = gem_jax.GEM(model, layers=1, size=32).heatmaps([image, image], [prompts, prompts[:5]])
+    monkeypatch.setattr(pipeline, "PROMPT_CHUNK", 8)
+    gem = gem_jax.GEM(model, layers=1, size=32)
+    widths = []
+    real = gem._maps
+    gem._maps = lambda params, pixels, text, mask: (widths.append(text.shape[1]), real(params, pixels, text, mask))[1]
+    chunked = gem.heatmaps([image, image], [prompts, prompts[:5]])
+    assert set(widths) == {8} and len(widths) == 3  # 21 prompts: three calls of 8, never all at once
+    for a, b in zip(chunked.logits, whole.logits):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(chunked.heatmaps, whole.heatmaps):
+        np.testing.assert_allclose(a, b, atol=1e-5)
