@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 
@@ -11,6 +12,8 @@ def size(text: str):
     if not m:
         raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 448 or 320x480), got {text!r}")
     h = int(m.group(1))
+    if h < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text!r}")
     return h if m.group(2) is None else (h, int(m.group(2)))
 
 
@@ -19,8 +22,8 @@ def positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return v
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import re
 import sys
-import tempfile
 import traceback
 
-from gem_jax import argtypes
+from gem_jax import _files, argtypes
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -135,7 +135,14 @@ def enable_compile_cache(directory: str | None) -> pathlib.Path:
 
     path = pathlib.Path(directory or os.environ.get("GEM_JAX_COMPILE_CACHE")
                         or pathlib.Path.home() / ".cache" / "gem_jax" / "xla").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"the compilation cache must be a directory, {path} is a file "
+                         "(pass --compile-cache DIR or --no-compile-cache)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot create the compilation cache {path} ({e.strerror or e}); "
+                             "pass --compile-cache DIR or --no-compile-cache") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     # The defaults skip programs compiled in under a second; ours are all worth keeping.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -144,23 +151,81 @@ def enable_compile_cache(directory: str | None) -> pathlib.Path:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60]
+
+
+def _prompt_name(prompt: str) -> str:
+    """The file-name part of a prompt: its slug when that keeps everything (lower case, words
+    joined by ``_``), else the slug plus a short hash, so names never collide, even on
+    case-insensitive file systems, and do not depend on the other prompts."""
+    slug = _slug(prompt).lower()
+    if slug and slug not in ("grid", "labels") and slug.replace("_", " ") == prompt:
+        return slug
+    return f"{slug or 'prompt'}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"
 
 
 def _plan_outputs(paths, prompts, classes, out_dir: pathlib.Path):
-    """Per image: (overlay paths per prompt, grid path, label path | None)."""
-    plans, seen = [], {}
+    """Per image: (overlay paths per prompt, grid path, label path | None), all names distinct."""
+    plans, used = [], set()
     for path in paths:
-        stem = _slug(path.stem)
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        if n:
-            stem = f"{stem}_{n}"
-        overlays = [out_dir / f"{stem}__{_slug(p)}.png" for p in prompts]
+        base = _slug(path.stem) or "image"
+        stem, n = base, 0
+        while stem.lower() in used:  # images of the same name from different folders
+            n += 1
+            stem = f"{base}_{n}"
+        used.add(stem.lower())
+        overlays = [out_dir / f"{stem}__{_prompt_name(p)}.png" for p in prompts]
         grid = out_dir / f"{stem}__grid.png" if prompts else None
         labels = out_dir / f"{stem}__labels.png" if classes else None
         plans.append((overlays, grid, labels))
+    names = [str(p).lower() for plan in plans for p in (*plan[0], *plan[1:]) if p is not None]
+    assert len(set(names)) == len(names), "output names collide"
     return plans
+
+
+def _vision_layers(name) -> int | None:
+    """The model's vision depth when known without loading it (registry names, native directories)."""
+    import json
+
+    from gem_jax import checkpoints, config
+
+    try:
+        if name and pathlib.Path(name).expanduser().is_dir():
+            doc = json.loads((pathlib.Path(name).expanduser() / "config.json").read_text(encoding="utf-8"))
+            return config.CLIPConfig.from_dict(doc["clip"]).vision.layers
+        return config.architecture(checkpoints.get_entry(name or checkpoints.DEFAULT_MODEL).architecture).vision.layers
+    except Exception:  # anything else is checked once the model is loaded
+        return None
+
+
+def _check_options(args, out_dir: pathlib.Path) -> None:
+    """Every option and output path that needs no model, checked before the slow model load."""
+    import numpy as np
+
+    from gem_jax import gem as gem_lib
+    from gem_jax import pipeline, preprocess, visualize
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out must be a directory, {out_dir} is a file")
+    if args.save_logits:
+        logits = pathlib.Path(args.save_logits)
+        if logits.is_dir() or not logits.name.endswith(".npz"):
+            raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
+        if logits.parent.exists() and not logits.parent.is_dir():
+            raise UsageError(f"--save-logits: {logits.parent} is a file, not a directory")
+    try:
+        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature)
+        preprocess.target_size(224, 224, size=args.size, short_side=args.short_side)
+        pipeline.GEM._templates(args.template)
+        visualize.colorize(np.zeros((1, 1)), args.cmap)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_depth(args) -> None:
+    depth = _vision_layers(args.model) if args.method == "gem" else None
+    if depth is not None and args.gem_layers > depth:
+        raise UsageError(f"--gem-layers {args.gem_layers} exceeds the model's {depth} vision blocks")
 
 
 def cmd_segment(args) -> int:
@@ -174,8 +239,13 @@ def cmd_segment(args) -> int:
         raise UsageError("a class name is empty")
     if not prompts and not classes:
         raise UsageError("nothing to localise: give prompts with -p PROMPT (or class names with --classes)")
-    if len(set(prompts)) != len(prompts):
-        raise UsageError("a prompt is given twice")
+    from gem_jax.tokenizer import first_duplicate
+
+    for what, names in (("prompt", prompts), ("class", classes or ())):
+        dup = first_duplicate(names)
+        if dup:  # duplicate classes would split their probability between the copies
+            same = "is given twice" if dup[0] == dup[1] else f"and {dup[0]!r} are the same to the model"
+            raise UsageError(f"{what} {dup[1]!r} {same}; give each once")
     if args.save_logits and not prompts:
         raise UsageError("--save-logits needs prompts (-p)")
     files = [p for p in prompts if os.path.isfile(p)]
@@ -196,6 +266,7 @@ def cmd_segment(args) -> int:
 
         paths.append(example_image_path())
     out_dir = pathlib.Path(args.out)
+    _check_options(args, out_dir)
     plans = _plan_outputs(paths, prompts, classes, out_dir)
     targets = [p for overlays, grid, labels in plans for p in (*overlays, grid, labels) if p is not None]
     if args.save_logits:
@@ -205,8 +276,6 @@ def cmd_segment(args) -> int:
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise RuntimeFailure(f"output file exists: {existing[0]}{more}; pass --force to overwrite")
-    if args.save_logits and not str(args.save_logits).endswith(".npz"):
-        raise UsageError(f"--save-logits must name a .npz file, got {args.save_logits!r}")
 
     # Decode every image before the (slow) model load, so a bad file fails fast.
     images, kept, skipped = [], [], []
@@ -221,14 +290,13 @@ def cmd_segment(args) -> int:
     if not images:
         raise RuntimeFailure(f"none of the {len(paths)} image(s) could be read: {skipped[0]}")
     paths, plans = [p for p, _ in kept], [plan for _, plan in kept]
+    _check_depth(args)
 
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
     import time
 
-    import numpy as np
-
-    from gem_jax import pipeline, visualize
+    from gem_jax import pipeline
 
     start = time.perf_counter()
     print(f"loading model {args.model or 'ViT-B/16:openai'} ...", file=sys.stderr)
@@ -245,16 +313,40 @@ def cmd_segment(args) -> int:
                            short_side=args.short_side, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    try:
-        visualize.colorize(np.zeros((1, 1)), args.cmap)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    try:  # every image's memory need, before anything is computed
+        for image in images:
+            gem.check_memory(gem._input_size(image, None, None), 1, len(set(prompts) | set(classes or ())))
+    except pipeline.MemoryLimitError as e:
+        raise RuntimeFailure(str(e)) from None
 
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _files.remove_stale(out_dir)  # leftovers of a killed run
+    try:
+        written = _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, note)
+    except BaseException:
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave no empty output directory behind
+        raise
+    print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else "")
+          + f" in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
+    return EXIT_OK
+
+
+def _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, note) -> int:
+    """Writes every image's pictures (and the logits file); returns the number of files written."""
+    import time
+
+    import numpy as np
+
+    from gem_jax import pipeline, visualize
+
     # one tower pass per image serves both: the label map comes from the classes' logits
     wanted = prompts + [c for c in dict.fromkeys(classes or []) if c not in prompts]
     column = {p: i for i, p in enumerate(wanted)}
-    all_logits, all_heat, sizes, compiled = [], [], [], set()
+    all_logits, all_heat, sizes, compiled, written = [], [], [], set(), 0
     for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
         hw = gem._input_size(image, None, None)
         tick = time.perf_counter()
@@ -275,22 +367,20 @@ def cmd_segment(args) -> int:
             for p_idx, target in enumerate(overlays):
                 visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
                                    target, overwrite=args.force)
+                written += 1
             fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha, title=note)
             visualize.save_png(fig, grid, overwrite=args.force)
+            written += 1
         if classes:
             class_logits = np.asarray(out.logits[0])[[column[c] for c in classes]]
             labels = pipeline.labels_from_logits(class_logits, args.background_threshold)
             labels = _to_original_size(labels, image.shape[:2], nearest=True)
             fig = visualize.label_figure(image, labels, classes, title=note)
             visualize.save_png(fig, labels_path, overwrite=args.force)
+            written += 1
     if args.save_logits:
         _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
-    written = sum(1 for overlays, grid, labels in plans for p in (*overlays, grid, labels) if p is not None)
-    print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else "")
-          + f" in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
-    return EXIT_OK
+    return written
 
 
 def _to_original_size(maps, hw, nearest=False):
@@ -323,14 +413,8 @@ def _save_logits(path: pathlib.Path, logits, heat, prompts, paths, sizes, force)
         for i, (lg, hm) in enumerate(zip(logits, heat)):
             arrays[f"logits_{i}"], arrays[f"heatmaps_{i}"] = lg, hm
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    _files.remove_stale(path.parent)
+    _files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _progress(items, desc):
@@ -386,7 +470,7 @@ def cmd_convert(args) -> int:
     except checkpoints.UnknownModelError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:
-        raise RuntimeFailure(f"{e}; pass --force to replace it") from None
+        raise RuntimeFailure(str(e) if args.force else f"{e}; pass --force to replace it") from None
     except (checkpoints.ModelNotAvailableError, checkpoints.CheckpointError, FileNotFoundError) as e:
         raise RuntimeFailure(str(e)) from None
     except ValueError as e:  # no --out for a non-registry source, an unknown architecture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -14,6 +15,11 @@ from gem_jax.models.vision import VisionTransformer
 
 PROJECTIONS = ("q", "k", "v")
 METHODS = ("gem", "clip")
+#: Smallest accepted temperature tau, with a margin: much smaller ones (1e-30) underflow
+#: every softmax weight of a row (a token's cosine with itself is 1 only up to rounding): 0/0.
+MIN_TEMPERATURE = 1e-3
+#: Most accepted self-self iterations: a bound on the run time of one call (the paper uses 1).
+MAX_ITERATIONS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +51,17 @@ class GEMOptions:
             raise ValueError(f"layers must be a positive int, got {self.layers!r}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
-        if self.temperature is not None and not (float(self.temperature) > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.iterations, bool) and self.iterations > MAX_ITERATIONS:
+            raise ValueError(f"iterations must be at most {MAX_ITERATIONS}, "
+                             f"got {self.iterations!r}")
+        if self.temperature is not None:
+            try:
+                t = float(self.temperature)
+            except (TypeError, ValueError):
+                raise ValueError(f"temperature must be a number or None, got {self.temperature!r}") from None
+            if not (math.isfinite(t) and t >= MIN_TEMPERATURE):
+                raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (much smaller ones "
+                                 f"underflow the attention weights to 0/0), got {self.temperature!r}")
         projections = tuple(self.projections)
         if not projections or any(p not in PROJECTIONS for p in projections) or len(set(projections)) != len(projections):
             raise ValueError(f"projections must be a non-empty subset of {PROJECTIONS}, got {self.projections!r}")

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib.resources
 import pathlib
+import string
 from typing import Any, Sequence
 
 import jax
@@ -19,13 +20,74 @@ from gem_jax import preprocess
 from gem_jax.config import CLIPConfig
 from gem_jax.models import TextTransformer, VisionTransformer
 from gem_jax.models.layers import l2_normalize, resize_2d
-from gem_jax.tokenizer import Tokenizer
+from gem_jax.tokenizer import Tokenizer, first_duplicate
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 #: CLIP's logit scale, used for the class softmax of :meth:`GEM.segment`.
 LOGIT_SCALE = 100.0
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+#: With ``short_side`` sizing the long side is capped at this many pixels, the aspect kept
+#: (``GEM(max_long_side=None)`` lifts it): a 5 x 5000 strip at short side 448 would
+#: otherwise ask for a 448 x 448000 input.
+MAX_LONG_SIDE = 2048
+#: Most prompts per forward call: larger sets go through in chunks (the image tower runs
+#: once per chunk), so working memory stays flat in the number of prompts.
+PROMPT_CHUNK = 128
+
+
+class MemoryLimitError(RuntimeError):
+    """A call would need more memory than is available; the message says how much and what to change."""
+
+
+def estimate_memory(config: CLIPConfig, hw: tuple[int, int], images: int = 1, prompts: int = 1, *,
+                    method: str = "gem", projections: Sequence[str] = gem_lib.PROJECTIONS,
+                    schedule: gem_lib.Schedule | str = "auto") -> int:
+    """Bytes of working memory (beyond the parameters) one forward call needs, roughly: the
+    attention maps in flight, the tower's activations and the output maps.
+
+    Args:
+      config: the model's architecture.
+      hw: model input size (H, W).
+      images: images in the call (the padded batch).
+      prompts: prompts per image in the call (at most :data:`PROMPT_CHUNK` are used at once).
+      method, projections: as for :class:`GEM` (the GEM path keeps one N x N map per projection).
+      schedule: a :class:`gem_jax.gem.Schedule` or ``"auto"``.
+    Returns:
+      An estimate in bytes, meant to be compared with the free memory before a call (it
+      errs on the high side; compilation and the host copy of the outputs come on top).
+    """
+    v = config.vision
+    h, w = hw
+    n = v.tokens((h, w))
+    sched = gem_lib.Schedule.resolve(schedule, tokens=n)
+    tower_images = min(images, sched.image_chunk or images)
+    pairs = tower_images * v.heads if sched.head_chunk is None else min(sched.head_chunk, tower_images * v.heads)
+    maps_alive = 3 + (len(projections) if method == "gem" else 0)  # logits, weights, product; one per projection
+    attention = pairs * n * n * 4 * maps_alive
+    activations = tower_images * n * v.width * 4 * 16  # residual, q/k/v, MLP hidden (4x) and their copies
+    outputs = images * _bucket(min(prompts, PROMPT_CHUNK), 8) * h * w * 4 * 6  # logits, heatmaps, upsampling
+    return attention + activations + outputs
+
+
+def available_memory(device=None) -> int | None:
+    """Free bytes on ``device`` (default: the first local one): the allocator's limit less its use
+    on accelerators, ``MemAvailable`` of the host on CPU; None if unknown."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,6 +182,9 @@ def _bucket(n: int, smallest: int) -> int:
 def _prompt_sets(prompts, n_images: int) -> list[list[str]]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if prompts is None or not hasattr(prompts, "__iter__") or isinstance(prompts, (bytes, dict)):
+        raise ValueError(f"prompts must be a string, a list of strings or a list of lists of strings, got "
+                         f"{type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -139,6 +204,15 @@ def _prompt_sets(prompts, n_images: int) -> list[list[str]]:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompts must be non-empty strings, got {p!r}")
     return sets
+
+
+def _template_fields(template: str) -> list[str] | None:
+    """The replacement fields of a template (``[""]`` for one ``{}``), or None if it is malformed."""
+    try:
+        return [field for _, field, spec, conv in string.Formatter().parse(template) if field is not None
+                for field in [field + (spec or "") + (conv or "")]]
+    except ValueError:
+        return None
 
 
 class GEM:
@@ -169,6 +243,11 @@ class GEM:
         at each input size.
       devices: devices to spread image batches over (a ``jax.make_mesh`` data axis:
         images sharded, parameters and text replicated); default all local devices.
+      max_long_side: with ``short_side`` sizing, cap the long side at this (see
+        :data:`MAX_LONG_SIDE`); ``None`` for no cap.
+      memory_limit: before each forward call, :func:`estimate_memory` is compared with
+        this many bytes (``"auto"``: 90% of :func:`available_memory`) and a call that
+        needs more raises :class:`MemoryLimitError`; ``None`` skips the check.
     """
 
     def __init__(self, model: Model, *, method: str = "gem", layers: int = 6, iterations: int = 1,
@@ -176,7 +255,8 @@ class GEM:
                  normalize: bool = True, mlp: bool = False, size: int | tuple[int, int] | None = None,
                  short_side: int | None = None, template: str | Sequence[str] = DEFAULT_TEMPLATE,
                  batch_size: int = 8, dtype: str = "float32", schedule: gem_lib.Schedule | str = "auto",
-                 devices: Sequence[Any] | None = None):
+                 devices: Sequence[Any] | None = None, max_long_side: int | None = MAX_LONG_SIDE,
+                 memory_limit: int | str | None = "auto"):
         if method not in gem_lib.METHODS:
             raise ValueError(f"method must be one of {gem_lib.METHODS}, got {method!r}")
         if dtype not in _DTYPES:
@@ -190,8 +270,12 @@ class GEM:
         if method == "gem" and self.options.layers > model.config.vision.layers:
             raise ValueError(f"layers={layers} exceeds the model's {model.config.vision.layers} vision blocks")
         self.size, self.short_side = size, short_side
-        preprocess.target_size(224, 224, size=size, short_side=short_side,
+        self.max_long_side = max_long_side
+        preprocess.target_size(224, 224, size=size, short_side=short_side, max_long_side=max_long_side,
                                patch_size=model.config.vision.patch_size)  # validates early
+        if not (memory_limit in (None, "auto") or (isinstance(memory_limit, int) and memory_limit > 0)):
+            raise ValueError(f"memory_limit must be a number of bytes, 'auto' or None, got {memory_limit!r}")
+        self.memory_limit = memory_limit
         self.templates = self._templates(template)
         self.batch_size = batch_size
         self.dtype = dtype
@@ -226,8 +310,9 @@ class GEM:
         if not templates:
             raise ValueError("no prompt template given")
         for t in templates:
-            if not isinstance(t, str) or "{}" not in t:
-                raise ValueError(f"a prompt template must be a string containing '{{}}', got {t!r}")
+            if not isinstance(t, str) or _template_fields(t) != [""]:
+                raise ValueError(f"a prompt template must be a string with exactly one {{}} and no other braces "
+                                 f"(write {{{{ or }}}} for a literal brace), got {t!r}")
         return templates
 
     def embed_text(self, prompts: Sequence[str]) -> np.ndarray:
@@ -261,7 +346,34 @@ class GEM:
         if size is None and short_side is None:
             size, short_side = self.size, self.short_side
         return preprocess.target_size(*image.shape[:2], size=size, short_side=short_side,
+                                      max_long_side=self.max_long_side if short_side is not None else None,
                                       patch_size=self.model.config.vision.patch_size)
+
+    def memory_estimate(self, hw: tuple[int, int], images: int = 1, prompts: int = 1) -> int:
+        """:func:`estimate_memory` for this object's model, method and schedule."""
+        return estimate_memory(self.model.config, hw, images, prompts, method=self.method,
+                               projections=self.options.projections, schedule=self.schedule)
+
+    def check_memory(self, hw: tuple[int, int], images: int = 1, prompts: int = 1) -> None:
+        """Raises :class:`MemoryLimitError` if a call at input size ``hw`` would need more than
+        ``memory_limit`` (per device: images are split over the devices)."""
+        if self.memory_limit is None:
+            return
+        limit = self.memory_limit
+        if limit == "auto":
+            free = available_memory(self.mesh.devices.flat[0])
+            if free is None:
+                return
+            limit = int(0.9 * free)
+        per_device = -(-images // self.mesh.size)
+        need = self.memory_estimate(hw, per_device, prompts)
+        if need > limit:
+            gib = 2 ** 30
+            raise MemoryLimitError(
+                f"input size {hw[0]}x{hw[1]} with {per_device} image(s) and {prompts} prompt(s) per call needs "
+                f"about {need / gib:.1f} GiB, more than the {limit / gib:.1f} GiB available: use a smaller size or "
+                f"short side, schedule=Schedule(head_chunk=1, image_chunk=1), a smaller batch_size, or pass "
+                f"memory_limit=None to try anyway")
 
     def heatmaps(self, images, prompts, *, size=None, short_side=None, output_size: str = "input") -> HeatmapOutput:
         """Where each prompt is in each image.
@@ -284,7 +396,7 @@ class GEM:
         sizes = [self._input_size(im, size, short_side) for im in images]
         distinct = list(dict.fromkeys(p for s in sets for p in s))
         table = dict(zip(distinct, self.embed_text(distinct)))
-        p_bucket = _bucket(max(len(s) for s in sets), 8)
+        p_bucket = _bucket(min(max(len(s) for s in sets), PROMPT_CHUNK), 8)
         dim = self.model.config.embed_dim
 
         logits: list = [None] * len(images)
@@ -296,17 +408,30 @@ class GEM:
             for start in range(0, len(members), self.batch_size):
                 idx = members[start:start + self.batch_size]
                 b = -(-_bucket(len(idx), 1) // self.mesh.size) * self.mesh.size  # whole shards per device
+                self.check_memory(hw, b, p_bucket)
                 pixels = np.zeros((b, *hw, 3), np.float32)
-                text = np.zeros((b, p_bucket, dim), np.float32)
-                mask = np.zeros((b, p_bucket), bool)
                 for row, i in enumerate(idx):
                     pixels[row] = preprocess.normalize(preprocess.resize(images[i], hw))
-                    text[row, :len(sets[i])] = [table[p] for p in sets[i]]
-                    mask[row, :len(sets[i])] = True
-                lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
-                for row, i in enumerate(idx):
-                    logits[i] = lg[row, :len(sets[i])]
-                    heat[i] = hm[row, :len(sets[i])]
+                parts: dict[int, list] = {i: [] for i in idx}
+                for p0 in range(0, max(len(sets[i]) for i in idx), p_bucket):  # one step unless many prompts
+                    text = np.zeros((b, p_bucket, dim), np.float32)
+                    mask = np.zeros((b, p_bucket), bool)
+                    for row, i in enumerate(idx):
+                        chunk = sets[i][p0:p0 + p_bucket]
+                        if chunk:
+                            text[row, :len(chunk)] = [table[p] for p in chunk]
+                            mask[row, :len(chunk)] = True
+                    lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
+                    if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
+                        raise FloatingPointError("the model produced NaN or infinite similarities; check its "
+                                                 "weights and the options (temperature, dtype)")
+                    for row, i in enumerate(idx):
+                        n = len(sets[i][p0:p0 + p_bucket])
+                        parts[i].append((lg[row, :n], hm[row, :n]))
+                for i in idx:
+                    pieces = parts[i]
+                    logits[i] = pieces[0][0] if len(pieces) == 1 else np.concatenate([lg for lg, _ in pieces])
+                    heat[i] = pieces[0][1] if len(pieces) == 1 else np.concatenate([hm for _, hm in pieces])
         shapes = sizes
         if output_size == "original":
             shapes = [im.shape[:2] for im in images]
@@ -327,6 +452,11 @@ class GEM:
         """
         if isinstance(class_names, str):
             class_names = [class_names]
+        class_names = _prompt_sets(class_names, 1)[0]
+        dup = first_duplicate(class_names)
+        if dup:
+            raise ValueError(f"class names {dup[0]!r} and {dup[1]!r} are the same to the model (it ignores case "
+                             "and spacing): the copies would split the probability; give each class once")
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")
         images = preprocess.as_image_list(image)

@@ -222,13 +222,16 @@ def _snap(side: int, patch: int) -> int:
     return max(patch, (2 * side + patch) // (2 * patch) * patch)
 
 
-def target_size(height, width, *, size=None, short_side=None, patch_size=16) -> tuple[int, int]:
+def target_size(height, width, *, size=None, short_side=None, patch_size=16,
+                max_long_side=None) -> tuple[int, int]:
     """Model input (H, W) for an image of ``height`` x ``width``.
 
     ``size=int`` gives a square, ``size=(H, W)`` that shape; ``short_side=int``
     scales the shorter side to that value keeping the aspect (long side rounded to
-    the nearest int). Give at most one; with neither, ``size=448``. Each side is
-    then snapped to the nearest multiple of ``patch_size`` (at least one patch).
+    the nearest int), and with ``max_long_side`` the long side is capped at that
+    (the aspect still kept, so a very elongated image stays affordable). Give at
+    most one of ``size`` and ``short_side``; with neither, ``size=448``. Each side
+    is then snapped to the nearest multiple of ``patch_size`` (at least one patch).
     Raises ValueError on bad arguments.
     """
     height = _positive_int(height, "height")
@@ -242,6 +245,9 @@ def target_size(height, width, *, size=None, short_side=None, patch_size=16) -> 
             h, w = s, (2 * s * width + height) // (2 * height)
         else:
             h, w = (2 * s * height + width) // (2 * width), s
+        if max_long_side is not None and max(h, w) > _positive_int(max_long_side, "max_long_side"):
+            long = max(h, w)
+            h, w = (max(1, (2 * v * max_long_side + long) // (2 * long)) for v in (h, w))
     else:
         if size is None:
             size = 448
@@ -314,12 +320,14 @@ def expand_image_paths(items: Sequence[str]) -> list[pathlib.Path]:
 
     Each item is an existing file (taken as is), a directory (its files with an
     extension in IMAGE_EXTENSIONS, sorted, not recursive) or a glob pattern (its
-    matching image files, sorted; ``**`` recurses). Raises :class:`ImageError` for a
-    missing file, a directory without images or a pattern matching no image.
+    matching image files, sorted; ``**`` recurses). A file reached twice (named twice,
+    through a symlink or a symlink loop) is kept once, at its first place. Raises
+    :class:`ImageError` for a missing file, a directory without images or a pattern
+    matching no image.
     """
     if isinstance(items, (str, os.PathLike)):
         items = [items]
-    out: list[pathlib.Path] = []
+    out = _Unique()
     for item in items:
         text = os.fspath(item)
         path = pathlib.Path(text)
@@ -338,4 +346,22 @@ def expand_image_paths(items: Sequence[str]) -> list[pathlib.Path]:
             out.extend(found)
         else:
             raise ImageError(f"image file not found: {text}")
-    return out
+    return list(out)
+
+
+class _Unique(list):
+    """A list of paths that ignores a path whose real file it already holds."""
+
+    def __init__(self):
+        super().__init__()
+        self._real = set()
+
+    def append(self, path):
+        real = os.path.realpath(path)
+        if real not in self._real:
+            self._real.add(real)
+            super().append(path)
+
+    def extend(self, paths):
+        for p in paths:
+            self.append(p)

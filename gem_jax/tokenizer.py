@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models as _models
 from tokenizers import pre_tokenizers as _pre_tokenizers
 
-__all__ = ["Tokenizer", "clean_text", "DEFAULT_CONTEXT_LENGTH"]
+__all__ = ["Tokenizer", "clean_text", "first_duplicate", "DEFAULT_CONTEXT_LENGTH"]
 
 DEFAULT_CONTEXT_LENGTH = 77
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -57,6 +57,18 @@ def clean_text(text: str) -> str:
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def first_duplicate(texts) -> tuple[str, str] | None:
+    """The first pair ``(earlier, later)`` of ``texts`` that the model cannot tell apart (equal
+    after :func:`clean_text`: case, spacing, HTML entities), or ``None``."""
+    seen: dict[str, str] = {}
+    for t in texts:
+        key = clean_text(t)
+        if key in seen:
+            return seen[key], t
+        seen[key] = t
+    return None
 
 
 def _shipped_vocab_path():

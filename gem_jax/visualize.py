@@ -8,7 +8,6 @@ import math
 import numbers
 import os
 import pathlib
-import secrets
 import textwrap
 from typing import Sequence
 
@@ -437,14 +436,9 @@ def _exists(path: pathlib.Path) -> FileExistsError:
 
 def _open_temp(path: pathlib.Path) -> tuple[int, str]:
     """A new hidden file beside ``path``, created with the usual permissions (0o666 less umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        temp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(temp, flags, 0o666), temp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside {path}")
+    from gem_jax import _files
+
+    return _files.open_temp(path)  # a name later runs recognise as a leftover of ours
 
 
 def _publish(temp: str, path: pathlib.Path, overwrite: bool) -> None:

@@ -273,6 +273,9 @@ def fake_hub(tmp_path, monkeypatch):
     hub = FakeHub(tmp_path)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    from gem_jax.checkpoints import hub as gem_hub
+
+    monkeypatch.setattr(gem_hub, "_hub_reachable", lambda endpoint, timeout=None: True)  # the fake hub answers
     monkeypatch.setenv("GEM_JAX_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub

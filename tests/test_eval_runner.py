@@ -338,10 +338,11 @@ def test_command_end_to_end_and_exit_codes(tmp_path, model, monkeypatch, capsys)
     assert err.startswith("gem-jax eval: error:") and "nowhere" in err and "\n" not in err
     first = D.voc(tmp_path / "voc").samples[0]
     first.image.write_bytes(b"garbage")
-    assert command.run(parse(base + ["--on-error", "fail", "--restart", "--out", str(out)])) == 1
+    assert command.run(parse(base + ["--on-error", "fail", "--restart", "--out", str(out), "--force"])) == 1
     err = capsys.readouterr().err.strip()
     assert first.id in err and "\n" not in err
-    assert command.run(parse(base + ["--on-error", "skip", "--limit", "1", "--restart", "--out", str(out)])) == 0
+    assert command.run(parse(base + ["--on-error", "skip", "--limit", "1", "--restart", "--out", str(out),
+                                     "--force"])) == 0
     assert json.loads(out.read_text())["skipped"][0]["id"] == first.id
 
     # Usage errors: exit 2.

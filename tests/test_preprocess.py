@@ -596,7 +596,7 @@ def test_expand_files_globs_and_order(tmp_path):
     odd = tmp_path / "photo.raw"
     odd.write_bytes(b"x")
     got = P.expand_image_paths([str(odd), str(d / "*.png"), str(d / "*")])
-    assert got == [odd, d / "a.png", d / "b.png", d / "a.png", d / "b.png", d / "c.jpg"]
+    assert got == [odd, d / "a.png", d / "b.png", d / "c.jpg"]  # a file matched twice is kept once, first place
     assert P.expand_image_paths([]) == []
     assert P.expand_image_paths(d / "c.jpg") == [d / "c.jpg"]  # a single path is not split into characters
     _touch_images(d / "sub", ["deep.png"])

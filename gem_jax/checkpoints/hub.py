@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
+import threading
 import warnings
 
 from gem_jax.config import architecture
@@ -261,7 +263,8 @@ def _resolve_other(src: str, offline: bool, activation) -> Checkpoint:
     except _Unavailable as e:
         target = weights_dir() / src.replace("/", "--")
         raise ModelNotAvailableError(
-            f"{src} is not available{' offline' if offline else ''}: {e}.\n"
+            f"there is no local file or directory {src}, and as a Hugging Face repository it is not "
+            f"available{' offline' if offline else ''}: {e}.\n"
             f"Download it where there is network access:\n"
             f"    hf download {src} --include '*.json' '*.txt' '*.safetensors' --local-dir {target}\n"
             f"(`huggingface-cli download` in older huggingface_hub) and load {target} instead.") from None
@@ -297,17 +300,51 @@ def _hub_errors():
     return EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 
+#: Seconds to wait for the hub to answer one request before taking the machine as offline.
+REACH_TIMEOUT = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str, timeout: float = REACH_TIMEOUT) -> bool:
+    """Whether ``endpoint`` answers within ``timeout`` s (any HTTP status counts; proxies from the
+    environment are used). Asked once per process, so offline machines do not wait through the
+    hub client's retries."""
+    import urllib.error
+    import urllib.request
+
+    answer = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(True)
+        except urllib.error.HTTPError:
+            answer.append(True)  # it answered
+        except Exception:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution ignores the socket timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
 def _fetch(repo: str, filename: str, offline: bool) -> pathlib.Path | None:
     """The local path of one file (downloaded or cached); None if the repository lacks it."""
     import huggingface_hub
+    from huggingface_hub import constants
 
     EntryNotFound, LocalEntryNotFound, RepoNotFound = _hub_errors()
+    unreachable = not offline and not _hub_reachable(constants.ENDPOINT)
     try:
-        return pathlib.Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=offline))
+        return pathlib.Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=offline or unreachable))
     except LocalEntryNotFound:
         if offline:
             raise _Unavailable(f"{filename} is not in the Hugging Face cache and downloads are off "
                                "(HF_HUB_OFFLINE)") from None
+        if unreachable:
+            raise _Unavailable(f"{filename} is not in the Hugging Face cache and the hub ({constants.ENDPOINT}) "
+                               f"cannot be reached (no network?)") from None
         raise _Unavailable(f"{filename} could not be downloaded (no network?) and is not cached") from None
     except EntryNotFound:
         return None

@@ -363,7 +363,7 @@ def to_params(state: Mapping[str, np.ndarray], config: CLIPConfig, key_map: KeyM
     """
     expected = _expected_leaves(config)
     used = set()
-    missing, flat, bad_shapes = [], {}, []
+    missing, flat, bad_shapes, nonfinite = [], {}, [], []
     for src, (path, fn) in key_map.items():
         keys = (src,) if isinstance(src, str) else tuple(src)
         used.update(keys)
@@ -386,6 +386,8 @@ def to_params(state: Mapping[str, np.ndarray], config: CLIPConfig, key_map: KeyM
             bad_shapes.append(f"{name} {shapes} (expected {want} after layout change)")
             continue
         flat[path] = value.astype(dtype, copy=False)
+        if not np.isfinite(flat[path]).all():
+            nonfinite.append(name)
     unused = [k for k in state if k not in used and not EXEMPT_KEYS.search(k)]
     targets = {path for path, _ in key_map.values()}
     unfilled = [p for p in expected if p not in targets]  # a key map that misses a parameter
@@ -396,6 +398,8 @@ def to_params(state: Mapping[str, np.ndarray], config: CLIPConfig, key_map: KeyM
         problems.append(f"unexpected {len(unused)} tensor(s): {_summarise(unused)}")
     if bad_shapes:
         problems.append(f"wrong shape for {len(bad_shapes)} tensor(s): {_summarise(bad_shapes, 4)}")
+    if nonfinite:
+        problems.append(f"NaN or infinite values in {len(nonfinite)} tensor(s): {_summarise(nonfinite)}")
     if unfilled:
         problems.append("parameters with no source: " + _summarise("/".join(p) for p in unfilled))
     if problems:

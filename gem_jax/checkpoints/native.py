@@ -6,11 +6,11 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from gem_jax import _files
 from gem_jax.config import CLIPConfig
 from gem_jax.checkpoints.layouts import CheckpointError, to_params
 
@@ -46,8 +46,10 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
     ``config.json`` (``{"format": "gem-jax", "version": 1, "clip": ..., **metadata}``)
     and the tokenizer files of ``tokenizer_dir``, if given. The directory is built
     as a temporary sibling and renamed into place, so a failure leaves nothing
-    behind. An existing non-empty ``directory`` is replaced only with ``force=True``
-    (else :class:`FileExistsError`).
+    behind; it gets the user's umask. An existing non-empty ``directory`` is
+    replaced only with ``force=True``, and only if it is a native checkpoint holding
+    nothing but the files above (else :class:`FileExistsError`): the old one is
+    renamed aside, the new one renamed in, then the old one deleted.
     """
     from gem_jax.checkpoints.readers import TOKENIZER_FILES
 
@@ -58,9 +60,10 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
         raise ValueError(f"metadata may not set {sorted(clash)}")
     _check_target(target, force)
     created = _make_parents(target.parent)
+    _files.remove_stale(target.parent)
     tmp = None
     try:
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = _files.make_temp_dir(target)
         _write_tensors(flatten_params(params), tmp / WEIGHTS_FILE)
         doc = {"format": FORMAT, "version": VERSION, "clip": config.to_dict(), **meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -69,6 +72,9 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
+        mode = 0o666 & ~_files.umask()  # safetensors writes 0o600
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
         _move_into_place(tmp, target, force)
     except BaseException:
         if tmp is not None:
@@ -82,11 +88,43 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
     return target
 
 
+class NotReplaceableError(FileExistsError):
+    """``force`` was given, but the existing output is not a checkpoint gem-jax wrote."""
+
+
+def _own_files() -> frozenset[str]:
+    from gem_jax.checkpoints.readers import TOKENIZER_FILES
+
+    return frozenset((WEIGHTS_FILE, CONFIG_FILE, *TOKENIZER_FILES))
+
+
 def _check_target(target: pathlib.Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
         raise FileExistsError(f"{target} already exists and is not empty")
+    _check_replaceable(target)
+
+
+def _check_replaceable(target: pathlib.Path) -> None:
+    """Refuses to replace anything but a native checkpoint directory holding only our files."""
+    cwd = pathlib.Path.cwd().resolve()
+    real = target.resolve()
+    if real == cwd or real in cwd.parents:
+        raise NotReplaceableError(f"refusing to replace {target}: it is (or holds) the current directory")
+    if not is_native(target):
+        raise NotReplaceableError(f"refusing to replace {target}: it is not a gem-jax checkpoint directory "
+                                  "(--force only replaces a directory gem-jax converted); choose another "
+                                  "output directory")
+    own = _own_files()
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in own or p.is_symlink() or not p.is_file())
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise NotReplaceableError(f"refusing to replace {target}: besides a gem-jax checkpoint it holds "
+                                  f"{foreign[0]}{more}, which gem-jax did not write; move those away or choose "
+                                  "another output directory")
 
 
 def _make_parents(parent: pathlib.Path) -> list[pathlib.Path]:
@@ -109,8 +147,7 @@ def _move_into_place(tmp: pathlib.Path, target: pathlib.Path, force: bool) -> No
         os.replace(tmp, target)
         return
     # force: swap the old directory out, the new one in, then delete the old one
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    old.rmdir()
+    old = _files.temp_path(target, suffix=".old")
     os.replace(target, old)
     try:
         os.replace(tmp, target)

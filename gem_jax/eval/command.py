@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
+import signal
 import sys
+import threading
 import traceback
 
 from gem_jax import argtypes
@@ -50,6 +53,9 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--state", metavar="FILE.npz", default=None,
                    help="resume state (default FILE.json.state.npz beside --out; none without --out)")
     p.add_argument("--restart", action="store_true", help="discard an existing state file and start over")
+    p.add_argument("--save-every", type=argtypes.positive_float, default=60.0, metavar="SECONDS",
+                   help="save the resume state this often (default 60; also on Ctrl-C and SIGTERM)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="an unreadable image or annotation stops the run (fail) or is skipped and listed (skip)")
     p.add_argument("--batch-size", type=argtypes.positive_int, default=None, help="images per forward pass")
@@ -78,6 +84,27 @@ def _load_model(name):
         raise _Runtime(f"cannot load model {name or '(default)'}: {e}") from e
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's pre-emption, ``timeout``): stop as on Ctrl-C, saving the state."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While inside, SIGTERM raises :class:`_Terminated` (the runner saves its state on the way out)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(args) -> int:
     from gem_jax.eval.datasets import DatasetError, open_dataset
     from gem_jax.eval.protocols import get_protocol
@@ -91,14 +118,27 @@ def _execute(args) -> int:
     out = pathlib.Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise _Usage(f"--out must name a file, {out} is a directory")
+    if out is not None and out.exists() and not getattr(args, "force", False):
+        raise _Runtime(f"output file exists: {out}; pass --force to overwrite")
     state = pathlib.Path(args.state) if args.state else (out.with_name(out.name + ".state.npz") if out else None)
+    if state is not None and state.is_dir():
+        raise _Usage(f"--state must name a file, {state} is a directory")
+    if args.save_predictions and pathlib.Path(args.save_predictions).is_file():
+        raise _Usage(f"--save-predictions must name a directory, {args.save_predictions} is a file")
     if args.restart and state is not None:
         state.unlink(missing_ok=True)
     protocol = get_protocol(args.protocol).for_dataset(dataset.name)
 
     from gem_jax import pipeline
-    from gem_jax.eval.runner import EvaluationError, evaluate, write_json
+    from gem_jax.eval.runner import EvaluationError, StateFileError, evaluate, write_json
 
+    from gem_jax import gem as gem_lib
+
+    try:  # option values, before the slow model load
+        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature,
+                           projections=args.projections, normalize=not args.no_norm)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
     model = _load_model(args.model)
     try:
         gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
@@ -107,16 +147,20 @@ def _execute(args) -> int:
     except ValueError as e:
         raise _Usage(str(e)) from None
     try:
-        result = evaluate(gem, dataset, protocol, limit=args.limit, save_predictions=args.save_predictions,
-                          state_file=state, on_error=args.on_error, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+        with _sigterm_interrupts():
+            result = evaluate(gem, dataset, protocol, limit=args.limit, save_predictions=args.save_predictions,
+                              state_file=state, on_error=args.on_error, batch_size=args.batch_size,
+                              progress=not args.no_progress, save_interval=getattr(args, "save_every", 60.0))
+    except StateFileError as e:  # rerunning would only fail again
+        raise _Runtime(str(e)) from e
     except (EvaluationError, DatasetError, OSError) as e:
         hint = f"; rerun to resume from {state}" if state is not None and state.exists() else ""
         raise _Runtime(f"{e}{hint}") from e
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
         where = f"; rerun the same command to resume from {state}" if state is not None else ""
-        print(f"gem-jax eval: interrupted{where}", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"gem-jax eval: {what}{where}", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     if out is not None:
         write_json(out, result)
     else:

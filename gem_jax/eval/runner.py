@@ -7,10 +7,8 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -19,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from gem_jax import preprocess
+from gem_jax import _files, preprocess
 from gem_jax.eval import metrics
 from gem_jax.eval.datasets import IGNORE_INDEX, Dataset, DatasetError, voc_palette
 from gem_jax.eval.protocols import Protocol, get_protocol
@@ -40,6 +38,10 @@ STATE_VERSION = 1
 class EvaluationError(RuntimeError):
     """An evaluation that cannot go on: a failing image with ``on_error="fail"``, or a state
     file that belongs to another evaluation."""
+
+
+class StateFileError(EvaluationError):
+    """The state file cannot be used: damaged, not a state file, or another evaluation's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +135,13 @@ def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, back
 
 def _atomic_write(path: pathlib.Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    _files.atomic_write(path, write)
 
 
 def write_json(path, data: dict) -> None:
-    """Writes ``data`` as indented JSON, atomically (a reader never sees half a file)."""
+    """Writes ``data`` as indented JSON, atomically (a reader never sees half a file); removes
+    gem-jax temporaries a killed run left beside it."""
+    _files.remove_stale(pathlib.Path(path).parent)
     _atomic_write(pathlib.Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
@@ -207,19 +204,24 @@ def _save_state(path: pathlib.Path, fingerprint: dict, state: _State) -> None:
 def _load_state(path: pathlib.Path, fingerprint: dict, shape) -> _State | None:
     if not path.exists():
         return None
+    start_over = "delete it or pass --restart to start over, or --state FILE to keep it"
     try:
         with np.load(path, allow_pickle=False) as z:
             saved = json.loads(str(z["fingerprint"]))
             counts, done, skipped = z["counts"], [str(s) for s in z["done"]], json.loads(str(z["skipped"]))
-    except (OSError, KeyError, ValueError) as e:
-        raise EvaluationError(f"cannot read the state file {path}: {e}; delete it to start over") from None
+        if not isinstance(saved, dict) or not isinstance(skipped, list):
+            raise ValueError("unexpected contents")
+    except Exception as e:  # truncated (BadZipFile, EOFError), another program's file (KeyError, ValueError), ...
+        raise StateFileError(f"the state file {path} is damaged or is not a gem-jax evaluation state "
+                             f"({type(e).__name__}); {start_over}") from None
     mine = json.loads(json.dumps(fingerprint, sort_keys=True))
     if saved != mine:
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        raise EvaluationError(f"the state file {path} belongs to another evaluation (differs in: "
-                              f"{', '.join(differ)}); delete it or pass another state file")
+        raise StateFileError(f"the state file {path} belongs to another evaluation (differs in: "
+                             f"{', '.join(differ)}); {start_over}")
     if counts.shape != tuple(shape):
-        raise EvaluationError(f"the state file {path} holds counts of shape {counts.shape}, expected {shape}")
+        raise StateFileError(f"the state file {path} holds counts of shape {counts.shape}, expected {shape}; "
+                             f"{start_over}")
     return _State(jnp.asarray(counts.astype(np.asarray(metrics.new_confusion(1)).dtype)), done, skipped)
 
 
@@ -241,7 +243,7 @@ def _progress(total, initial, enabled, desc):
 
 def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None = None,
              save_predictions=None, state_file=None, on_error: str = "fail", *, batch_size: int | None = None,
-             save_every: int = 25, progress: bool = True) -> dict:
+             save_every: int | None = None, save_interval: float = 60.0, progress: bool = True) -> dict:
     """Evaluates a model on a benchmark and returns the results as a JSON-able dict.
 
     Args:
@@ -254,8 +256,10 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
       save_predictions: directory for the predicted label maps, ``<id>.png`` palette PNGs at
         the annotation's size holding class indices (written atomically).
       state_file: a ``.npz`` holding the counts so far and the ids done; written every
-        ``save_every`` images and when the loop stops for any reason. If it exists (and
-        was written by the same evaluation), the run continues from it.
+        ``save_interval`` seconds (and every ``save_every`` images, if given) and when the
+        loop stops for any reason. If it exists (and was written by the same evaluation),
+        the run continues from it; a damaged or foreign one raises :class:`StateFileError`.
+        gem-jax temporaries left beside it by a killed run are removed.
       on_error: ``"fail"`` raises :class:`EvaluationError` on an image or annotation that
         cannot be read; ``"skip"`` logs it and goes on. Skipped samples are listed in the
         results with their reasons and counted in ``num_skipped``; ``complete`` is False
@@ -273,8 +277,10 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
-    if not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+        raise ValueError(f"save_every must be a positive int or None, got {save_every!r}")
+    if not (isinstance(save_interval, (int, float)) and save_interval >= 0):
+        raise ValueError(f"save_interval must be a number of seconds >= 0, got {save_interval!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     protocol = get_protocol(protocol).for_dataset(dataset.name)
@@ -297,6 +303,8 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     fingerprint = _fingerprint(gem, dataset, protocol, queries)
     counts_shape = (dataset.num_classes, 3) if points else (dataset.num_classes, dataset.num_classes)
     state_path = pathlib.Path(state_file) if state_file is not None else None
+    if state_path is not None:
+        _files.remove_stale(state_path.parent)
     state = _load_state(state_path, fingerprint, counts_shape) if state_path is not None else None
     if state is None:
         fresh = metrics.new_point_counts if points else metrics.new_confusion
@@ -306,10 +314,13 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     n_prompts = 1 if points else len(queries.names)
     per_call = batch_size or max(1, min(gem.batch_size, MAX_MAPS_PER_CALL // n_prompts))
     pred_dir = pathlib.Path(save_predictions) if save_predictions is not None else None
+    if pred_dir is not None:
+        _files.remove_stale(pred_dir)
 
     run = _Run(gem, dataset, protocol, queries, state, on_error, pred_dir)
     bar = _progress(len(samples), len(samples) - len(todo), progress, f"{dataset.name}/{protocol.name}")
     start, since_save, evaluated_now = time.perf_counter(), 0, 0
+    saved_at = time.monotonic()
     try:
         for i in range(0, len(todo), per_call):
             chunk = todo[i:i + per_call]
@@ -319,9 +330,10 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
             evaluated_now += n
             since_save += n
             bar.update(n)
-            if state_path is not None and since_save >= save_every:
+            due = time.monotonic() - saved_at >= save_interval or (save_every is not None and since_save >= save_every)
+            if state_path is not None and due:
                 _save_state(state_path, fingerprint, state)
-                since_save = 0
+                since_save, saved_at = 0, time.monotonic()
     finally:
         bar.close()
         if state_path is not None:
