@@ -460,6 +460,8 @@ def cmd_convert(args) -> int:
     from gem_jax import checkpoints
 
     try:
+        if args.seed and not args.random:
+            raise UsageError("--seed applies only to --random")
         if args.random:
             if args.activation:
                 raise UsageError("--activation does not apply to --random (the architecture sets it)")

@@ -47,6 +47,7 @@ def run_cli(*args, timeout=900):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_with_reference_writes_table_and_json(tmp_path):
     """Tiny inputs of the real ViT-B/32: both implementations run, agree, and are reported."""
     pytest.importorskip("gem.gem_wrapper")
@@ -87,6 +88,7 @@ def test_bench_usage_errors_are_one_line(tmp_path):
     assert code == 2 and "--no-chunks" in err
 
 
+@pytest.mark.slow
 def test_chunk_overrides_replace_the_automatic_schedule():
     """``--head-chunk``/``--image-chunk`` replace only their field of the schedule chosen
     for the input size (ViT-B/32 at 64 x 96 is 25 tokens: run whole by default)."""

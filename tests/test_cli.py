@@ -158,6 +158,8 @@ def test_convert_registry_hub_id_is_the_registry_entry(env, tmp_path):
     assert "open_clip_config.json" not in errs[0] and "Traceback" not in errs[0]
     code, _, err = run(env, "convert", env["model"])  # not a registry model: --out is needed
     assert code == 2 and "--out" in err
+    code, _, err = run(env, "convert", env["model"], "--out", tmp_path / "x", "--seed", "3")
+    assert code == 2 and "--random" in err and not (tmp_path / "x").exists()
 
 
 def test_no_command_is_usage_error(env):

@@ -12,6 +12,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "clustering_dynamics.ipynb"
 
 
+@pytest.mark.slow
 def test_notebook_runs_and_draws_its_figures(monkeypatch):
     monkeypatch.delenv("GEM_JAX_MODEL", raising=False)  # the tiny random model, no download
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

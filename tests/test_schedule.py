@@ -205,6 +205,7 @@ def images():
     return [np.random.default_rng(s).integers(0, 256, (30 + 3 * s, 44, 3), dtype=np.uint8) for s in range(5)]
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one():
     """Five images over a 4-device data mesh (padded to 8, two per device) give the
     single-device results; the subprocess has 4 host CPU devices from XLA_FLAGS."""
@@ -260,6 +261,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed():
     """Two local processes joined by ``jax.distributed.initialize``, each on its own
     devices and its share of the images, give the single-process results."""
