@@ -501,6 +501,8 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = pathlib.Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or (out.parent.exists() and not out.parent.is_dir())):
+        raise UsageError(f"--out must name a JSON file, got {args.out!r}")  # before the timing, not after
     if out is not None and out.exists() and not args.force:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):

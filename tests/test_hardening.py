@@ -452,3 +452,24 @@ def test_many_prompts_go_in_chunks_with_the_same_results(tiny_model, monkeypatch
         np.testing.assert_allclose(a, b, atol=1e-5)
     for a, b in zip(chunked.heatmaps, whole.heatmaps):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bench_out_naming_a_directory_fails_before_the_timing(tmp_path, capsys, monkeypatch):
+    from gem_jax import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    code, err = gem_jax_cli(capsys, "bench", "--out", tmp_path)
+    assert code == 2 and "--out" in err, err
+
+
+def test_non_finite_maps_raise_instead_of_being_returned():
+    import jax
+
+    import gem_jax
+    from gem_jax.tokenizer import Tokenizer
+
+    params = jax.tree_util.tree_map(np.asarray, init_params(TINY, seed=3))
+    params["visual"]["proj"] = np.full_like(params["visual"]["proj"], np.nan)  # a model built by hand, unchecked
+    gem = gem_jax.GEM(gem_jax.pipeline.Model(TINY, params, Tokenizer.default()), layers=1, size=32)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        gem.heatmaps(np.zeros((32, 32, 3), np.uint8), ["cat"])
