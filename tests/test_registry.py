@@ -28,6 +28,7 @@ from gem_jax.checkpoints import (
     weights_dir,
 )
 from gem_jax.checkpoints.layouts import config_from_transformers
+from gem_jax.checkpoints.native import is_native
 from gem_jax.config import ARCHITECTURES
 
 
@@ -285,8 +286,13 @@ def test_local_state_tells_converted_original_and_missing(tiny_registry, clip_ki
         (target / f).write_bytes((repo / f).read_bytes())
     assert local_state(entry.name) == "original" and not is_converted(entry.name)
     assert resolve(entry.name).layout == "transformers"  # they load as they are
-    convert(entry.name, force=True)
-    assert local_state(entry.name) == "converted"
+    before = sorted((p.name, p.read_bytes()) for p in target.iterdir())
+    for force in (False, True):  # the originals are the source: never replaced, whatever --force says
+        with pytest.raises(FileExistsError, match="original files"):
+            convert(entry.name, force=force)
+    assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
+    copy = convert(entry.name, tmp_path / "native")
+    assert is_native(copy) and local_state(entry.name) == "original"
 
 
 def test_random_conversion_is_seeded_native_and_labelled(tmp_path, monkeypatch):

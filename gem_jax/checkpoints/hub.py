@@ -11,7 +11,7 @@ import warnings
 
 from gem_jax.config import architecture
 from gem_jax.checkpoints.layouts import CheckpointError, config_diff
-from gem_jax.checkpoints.native import _check_target, is_native, save_native
+from gem_jax.checkpoints.native import NotReplaceableError, _check_target, is_native, save_native
 from gem_jax.checkpoints.readers import _WEIGHT_SUFFIXES, Checkpoint, _read_dir, _with_activation, read_checkpoint
 from gem_jax.checkpoints.registry import (
     HUB_TOKENIZER_FILES,
@@ -116,6 +116,11 @@ def convert(source, out=None, *, force: bool = False, activation: str | None = N
             raise ValueError(f"{src} is not a registry model: give the output directory (--out DIR)")
         out = weights_dir() / entry.local_name
     out = pathlib.Path(out).expanduser()
+    if entry is not None and local_state(entry.name) == "original" and \
+            out.absolute() == (weights_dir() / entry.local_name).absolute():
+        # The source is the target: replacing it would delete the files the user downloaded.
+        raise NotReplaceableError(f"{out} holds {entry.name}'s original files, which load as they are; to "
+                                  f"convert them into the native format, give another directory (--out DIR)")
     _check_target(out.absolute(), force)  # fail before any download
     offline = _offline(offline)
     if entry is not None:
