@@ -146,19 +146,20 @@ def test_models_and_convert(env, tmp_path):
     assert code == 1 and "--force" in err
 
 
-def test_convert_registry_hub_id_is_the_registry_entry(env, tmp_path):
+def test_convert_registry_hub_id_is_the_registry_entry(env, tmp_path, monkeypatch, capsys):
     """The README's example: the hub id of ViT-B/16:openai is that model, same folder, same message."""
-    folder = str(pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"]) / "ViT-B-16.openai")
+    monkeypatch.setenv("GEM_JAX_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     errs = []
     for source in ("openai/clip-vit-base-patch16", "ViT-B/16:openai"):
-        code, _, err = run(env, "convert", source)
+        code, err = in_process(["convert", source], capsys)
         assert code == 1, err
         errs.append(err)
-    assert errs[0] == errs[1] and folder in errs[0] and "ViT-B/16:openai" in errs[0]
-    assert "open_clip_config.json" not in errs[0] and "Traceback" not in errs[0]
-    code, _, err = run(env, "convert", env["model"])  # not a registry model: --out is needed
+    assert errs[0] == errs[1] and str(tmp_path / "weights" / "ViT-B-16.openai") in errs[0]
+    assert "ViT-B/16:openai" in errs[0] and "open_clip_config.json" not in errs[0] and "Traceback" not in errs[0]
+    code, err = in_process(["convert", env["model"]], capsys)  # not a registry model: --out is needed
     assert code == 2 and "--out" in err
-    code, _, err = run(env, "convert", env["model"], "--out", tmp_path / "x", "--seed", "3")
+    code, err = in_process(["convert", env["model"], "--out", tmp_path / "x", "--seed", "3"], capsys)
     assert code == 2 and "--random" in err and not (tmp_path / "x").exists()
 
 
@@ -208,23 +209,23 @@ def test_segment_one_tower_pass_serves_prompts_and_classes(env, tmp_path, monkey
     assert "loading model" in err and "compiling for 32x32" in err and " s" in err.splitlines()[-1]
 
 
-def test_segment_says_when_a_prompt_is_an_image_file(env, tmp_path):
+def test_segment_says_when_a_prompt_is_an_image_file(env, tmp_path, capsys):
     img = write_image(tmp_path / "photo.jpg")
-    code, _, err = run(env, "segment", "-p", "cat", img, "--model", env["model"])
+    code, err = in_process(["segment", "-p", "cat", img, "--model", env["model"]], capsys)
     assert code == 2 and "no images given" in err and "is a file" in err and str(img) in err
     assert "Traceback" not in err
 
 
-def test_segment_on_error_skip_goes_on_and_lists_the_skipped(env, tmp_path):
+def test_segment_on_error_skip_goes_on_and_lists_the_skipped(env, tmp_path, capsys):
     good = [write_image(tmp_path / f"ok{i}.png", seed=i) for i in range(2)]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
     base = ["segment", good[0], bad, good[1], "-p", "cat", "--model", env["model"], "--gem-layers", "1",
-            "--size", "32"]
-    code, _, err = run(env, *base, "--out", tmp_path / "fail")
+            "--size", "32", "--no-compile-cache"]
+    code, err = in_process([*base, "--out", tmp_path / "fail"], capsys)
     assert code == 1 and "broken.png" in err and "--on-error skip" in err
     assert files(tmp_path / "fail") == []
-    code, _, err = run(env, *base, "--out", tmp_path / "skip", "--on-error", "skip")
+    code, err = in_process([*base, "--out", tmp_path / "skip", "--on-error", "skip"], capsys)
     assert code == 0, err
     assert files(tmp_path / "skip") == ["ok0__cat.png", "ok0__grid.png", "ok1__cat.png", "ok1__grid.png"]
     assert "wrote 4 file(s)" in err
