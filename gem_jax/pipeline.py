@@ -141,8 +141,15 @@ class GEM:
 
     Args:
       model: a :class:`Model` from :func:`load`.
-      method: ``"gem"`` or ``"clip"`` (the plain CLIP patch tokens).
-      layers, iterations, temperature, projections, normalize, mlp: see
+      method: one of :data:`gem_jax.gem.METHODS`: ``"gem"``, ``"clip"`` (the plain CLIP
+        patch tokens), ``"maskclip"``, ``"clipsurgery"``, ``"sclip"``, ``"clearclip"``,
+        ``"naclip"`` (:data:`gem_jax.methods.TABLE` says what each changes).
+      layers: last blocks with the method's path (``gem`` and ``clipsurgery``,
+        default 6; the other methods change the last block only).
+      residual, mlp: keep the residual / run the MLP on the path (default: the
+        method's own; ``mlp`` is also GEM's Table 6 variant).
+      sigma: NACLIP's neighbourhood width in patches (default 5).
+      iterations, temperature, projections, normalize: GEM's, see
         :class:`gem_jax.gem.GEMOptions`.
       size: model input size, an int (square) or (H, W); default 448 when
         ``short_side`` is not given.
@@ -161,12 +168,15 @@ class GEM:
         images sharded, parameters and text replicated); default all local devices.
     """
 
-    def __init__(self, model: Model, *, method: str = "gem", layers: int = 6, iterations: int = 1,
+    def __init__(self, model: Model, *, method: str = "gem", layers: int | None = None, iterations: int = 1,
                  temperature: float | None = None, projections: Sequence[str] = gem_lib.PROJECTIONS,
-                 normalize: bool = True, mlp: bool = False, size: int | tuple[int, int] | None = None,
+                 normalize: bool = True, mlp: bool | None = None, residual: bool | None = None,
+                 sigma: float | None = None, size: int | tuple[int, int] | None = None,
                  short_side: int | None = None, template: str | Sequence[str] = DEFAULT_TEMPLATE,
                  batch_size: int = 8, dtype: str = "float32", schedule: gem_lib.Schedule | str = "auto",
                  devices: Sequence[Any] | None = None):
+        from gem_jax import methods as methods_lib
+
         if method not in gem_lib.METHODS:
             raise ValueError(f"method must be one of {gem_lib.METHODS}, got {method!r}")
         if dtype not in _DTYPES:
@@ -175,10 +185,16 @@ class GEM:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
         self.method = method
-        self.options = gem_lib.GEMOptions(layers=layers, iterations=iterations, temperature=temperature,
-                                          projections=tuple(projections), normalize=normalize, mlp=mlp)
-        if method == "gem" and self.options.layers > model.config.vision.layers:
-            raise ValueError(f"layers={layers} exceeds the model's {model.config.vision.layers} vision blocks")
+        self.options = gem_lib.GEMOptions(layers=6 if layers is None else layers, iterations=iterations,
+                                          temperature=temperature, projections=tuple(projections),
+                                          normalize=normalize, mlp=bool(mlp))
+        #: What the method does to the last blocks (a :class:`gem_jax.methods.Method`).
+        self.spec = methods_lib.get_method(method, layers=layers, residual=residual, mlp=mlp, sigma=sigma,
+                                           iterations=iterations, temperature=temperature,
+                                           projections=tuple(projections), normalize=normalize)
+        if self.spec.blocks > model.config.vision.layers:
+            raise ValueError(f"layers={self.spec.blocks} exceeds the model's {model.config.vision.layers} "
+                             "vision blocks")
         self.size, self.short_side = size, short_side
         preprocess.target_size(224, 224, size=size, short_side=short_side,
                                patch_size=model.config.vision.patch_size)  # validates early
@@ -199,7 +215,7 @@ class GEM:
                                   devices=devices)
         replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         self._vparams = jax.device_put(model.params["visual"], replicated)
-        opts = self.options if method == "gem" else None
+        opts = None if method == "clip" else self.spec
         # Each device runs the plain single-device program on its share of the batch.
         per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule), mesh=self.mesh,
                                    in_specs=(P(), P("data"), P("data"), P("data")),
