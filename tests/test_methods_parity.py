@@ -233,7 +233,8 @@ def clipsurgery_tokens(visual, x, depth=6):
 
 
 def clip_feature_surgery(image_features, text_features, redundant_feats=None):
-    """CLIP Surgery's ``clip.clip_feature_surgery`` (t=2)."""
+    """CLIP Surgery's ``clip.clip_feature_surgery`` (t=2); one image (its weights reshape
+    to batch 1)."""
     if redundant_feats is not None:
         return image_features @ (text_features - redundant_feats).t()
     prob = image_features[:, :1, :] @ text_features.t()
@@ -282,7 +283,9 @@ def tower(arch: str, layers: int):
     key = (arch, layers)
     if key not in _MODELS:
         patch = {"B16": 16, "B32": 32}[arch]
+        # text heads of width 64 too, so the twin infers the head count of both towers
         model = openclip_model(dict(layers=layers, width=768, patch_size=patch, image_size=224, head_width=64),
+                               text=dict(width=128, heads=2, layers=2),
                                seed=layers + patch, quick_gelu=True)
         _MODELS[key] = (model, twin(model, quick_gelu=True, head_width=64))
     return _MODELS[key]
@@ -305,7 +308,7 @@ def check(parity, name, arch, hw, tower_layers=2, port_kwargs=None, **gem_kwargs
     patch = jm.config.vision.patch_size
     ref = official_logits(model, lambda v, x: PORTS[name](v, x, **(port_kwargs or {})), pixels, PROMPTS, patch)
     with jax.default_matmul_precision("highest"):
-        out = GEM(jm, method=name, size=hw, **gem_kwargs).heatmaps(image, PROMPTS)
+        out = GEM(jm, method=name, size=hw, template="{}", **gem_kwargs).heatmaps(image, PROMPTS)
     assert out.logits.shape == ref.shape == (1, len(PROMPTS), *hw)
     # the maps vary: a near-constant map would pass any tolerance
     assert np.ptp(ref) > 0.05
@@ -344,8 +347,9 @@ def test_feature_surgery_matches_official_function(parity):
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     # a class-token direction close to one prompt, so the weights are far from uniform
     image[:, 0] = text[1] + 0.2 * image[:, 0]
-    with torch.no_grad():
-        ref = clip_feature_surgery(torch.from_numpy(image), torch.from_numpy(text)).numpy()
+    with torch.no_grad():  # the official function takes one image at a time
+        ref = np.concatenate([clip_feature_surgery(torch.from_numpy(im[None]), torch.from_numpy(text)).numpy()
+                              for im in image])
         red = clip_feature_surgery(torch.from_numpy(image), torch.from_numpy(text[:1]),
                                    torch.from_numpy(text[4:5])).numpy()
     ours = methods_lib.feature_surgery(image, text)
