@@ -189,7 +189,7 @@ class Method:
     def options(self) -> dict:
         """The settings that change results, as plain JSON values (for result files)."""
         att = self.attention
-        out: dict[str, Any] = {"blocks": self.blocks, "residual": self.residual, "mlp": self.mlp,
+        out: dict[str, Any] = {"layers": self.blocks, "residual": self.residual, "mlp": self.mlp,
                                "class_token": self.class_token, "posemb": self.posemb}
         if isinstance(att, GEMAttention):
             opts = dataclasses.asdict(att.options)

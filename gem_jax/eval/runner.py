@@ -188,9 +188,7 @@ def _fingerprint(gem: GEM, dataset: Dataset, protocol: Protocol, queries: Querie
 
 
 def _options(gem: GEM) -> dict:
-    opts = dataclasses.asdict(gem.options)
-    opts["projections"] = list(opts["projections"])
-    return opts if gem.method == "gem" else {}
+    return gem.spec.options() if gem.method != "clip" else {}
 
 
 def _save_state(path: pathlib.Path, fingerprint: dict, state: _State) -> None:
