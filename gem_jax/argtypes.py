@@ -65,11 +65,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None,
                         help="run the block's MLP on the method's path (default: the method's own: on for "
                              "maskclip and sclip, off for gem, clipsurgery, clearclip, naclip)")
+    parser.add_argument("--feature-surgery", action="store_true",
+                        help="CLIP Surgery's feature surgery in place of the raw cosines (any method; off)")
 
 
 def method_kwargs(args: argparse.Namespace) -> dict:
     """The ``GEM(...)`` keyword arguments of :func:`add_method_arguments`'s flags."""
-    return dict(method=args.method, sigma=args.sigma, residual=args.residual, mlp=args.mlp)
+    return dict(method=args.method, sigma=args.sigma, residual=args.residual, mlp=args.mlp,
+                feature_surgery=args.feature_surgery)
 
 
 def check_method(args: argparse.Namespace) -> None:

@@ -40,10 +40,10 @@ import numpy as np
 
 from gem_jax import gem as gem_lib
 from gem_jax.gem import GEMOptions
-from gem_jax.models.layers import POSEMB_METHODS, softmax_attention
+from gem_jax.models.layers import POSEMB_METHODS, l2_normalize, softmax_attention
 
 __all__ = ["Attention", "Context", "GEMAttention", "METHODS", "Method", "ONE_BLOCK", "SelfSelf", "TABLE", "ValueOnly",
-           "as_method", "feature_surgery", "get_method", "neighbourhood_bias"]
+           "as_method", "feature_surgery", "get_method", "masked_feature_surgery", "neighbourhood_bias"]
 
 METHODS = gem_lib.METHODS
 
@@ -307,3 +307,25 @@ def feature_surgery(image, text, redundant=None):
     sims = jnp.einsum("bnd,td->bnt", image, text, precision=hi) * w[:, None, :]
     return sims - jnp.mean(sims, axis=-1, keepdims=True)
 
+
+
+def masked_feature_surgery(tokens, text, valid, redundant):
+    """:func:`feature_surgery` of one image's patches against its valid prompts.
+
+    Args:
+      tokens: (1 + N, D) image tokens, class token first (normalised here).
+      text: (P, D) text embeddings (normalised here); rows where ``valid`` is False
+        are padding and take no part.
+      valid: (P,) bool.
+      redundant: (D,) the embedding subtracted when only one prompt is valid.
+    Returns:
+      (P, N) similarities of the patch tokens (padding rows are meaningless).
+    """
+    f, g = l2_normalize(tokens), l2_normalize(text)
+    n = jnp.maximum(jnp.sum(valid), 1)
+    hi = jax.lax.Precision.HIGHEST
+    prob = jax.nn.softmax(jnp.where(valid, 2.0 * jnp.einsum("pd,d->p", g, f[0], precision=hi), -jnp.inf))
+    sims = jnp.einsum("nd,pd->np", f, g, precision=hi) * (prob * n)  # w = p / mean over the valid prompts
+    several = sims - jnp.sum(jnp.where(valid, sims, 0.0), axis=-1, keepdims=True) / n
+    single = jnp.einsum("nd,pd->np", f, g - jnp.reshape(redundant, (1, -1)), precision=hi)
+    return jnp.where(n > 1, several, single)[1:].T

@@ -149,6 +149,9 @@ class GEM:
       residual, mlp: keep the residual / run the MLP on the path (default: the
         method's own; ``mlp`` is also GEM's Table 6 variant).
       sigma: NACLIP's neighbourhood width in patches (default 5).
+      feature_surgery: CLIP Surgery's feature surgery in place of the raw cosines,
+        for any method (:func:`gem_jax.methods.masked_feature_surgery`; off by
+        default, also for ``clipsurgery``, whose maintainers segment without it).
       iterations, temperature, projections, normalize: GEM's, see
         :class:`gem_jax.gem.GEMOptions`.
       size: model input size, an int (square) or (H, W); default 448 when
@@ -171,7 +174,8 @@ class GEM:
     def __init__(self, model: Model, *, method: str = "gem", layers: int | None = None, iterations: int = 1,
                  temperature: float | None = None, projections: Sequence[str] = gem_lib.PROJECTIONS,
                  normalize: bool = True, mlp: bool | None = None, residual: bool | None = None,
-                 sigma: float | None = None, size: int | tuple[int, int] | None = None,
+                 sigma: float | None = None, feature_surgery: bool = False,
+                 size: int | tuple[int, int] | None = None,
                  short_side: int | None = None, template: str | Sequence[str] = DEFAULT_TEMPLATE,
                  batch_size: int = 8, dtype: str = "float32", schedule: gem_lib.Schedule | str = "auto",
                  devices: Sequence[Any] | None = None):
@@ -217,11 +221,15 @@ class GEM:
         self._vparams = jax.device_put(model.params["visual"], replicated)
         opts = None if method == "clip" else self.spec
         # Each device runs the plain single-device program on its share of the batch.
-        per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule), mesh=self.mesh,
+        self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
+        # CLIP Surgery's single-prompt case subtracts the empty prompt's embedding.
+        surgery = jnp.asarray(self.embed_text([""])[0]) if feature_surgery else None
+        self.feature_surgery = feature_surgery
+        per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule, surgery=surgery),
+                                   mesh=self.mesh,
                                    in_specs=(P(), P("data"), P("data"), P("data")),
                                    out_specs=(P("data"), P("data")))
         self._maps = jax.jit(per_device, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
-        self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
 
     @staticmethod
     def _templates(template) -> tuple[str, ...]:
@@ -345,15 +353,21 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     return labels
 
 
-def _image_maps(vit, opts, schedule, params, pixels, text, mask):
+def _image_maps(vit, opts, schedule, params, pixels, text, mask, surgery=None):
     """(B, H, W, 3) pixels and per-image text sets (B, P, D) with validity mask (B, P)
-    -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero."""
+    -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero. With ``surgery``
+    (the empty prompt's embedding), CLIP Surgery's feature surgery replaces the cosines."""
     grid = vit.grid_shape(pixels)
     tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None, schedule=schedule)
     tokens = tokens["gem"] if opts is not None else tokens["clip"]
 
     def one_image(tok, txt, valid):
-        sims = gem_lib.patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
+        if surgery is None:
+            sims = gem_lib.patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
+        else:
+            from gem_jax.methods import masked_feature_surgery
+
+            sims = masked_feature_surgery(tok, txt, valid, surgery).reshape(-1, *grid)
         maps = resize_2d(sims, pixels.shape[1:3], "bilinear", axes=(-2, -1))
         maps = jnp.where(valid[:, None, None], maps, 0.0)
         return maps, gem_lib.min_max(maps)

@@ -356,3 +356,31 @@ def test_feature_surgery_matches_official_function(parity):
     assert np.ptp(ref) > 0.1
     assert parity("feature surgery", ours, ref) <= 1e-5
     assert parity("feature surgery, redundant", methods_lib.feature_surgery(image, text[:1], text[4]), red) <= 1e-5
+
+
+def test_feature_surgery_heatmaps_match_official_pipeline(parity):
+    """``GEM(method="clipsurgery", feature_surgery=True)`` on ragged prompt sets = CLIP
+    Surgery's demo: its tokens, ``clip_feature_surgery`` (with the empty prompt's
+    embedding for a single prompt), patches on the grid, bilinear to the input size."""
+    model, jm = tower("B16", 3)
+    hw = (224, 224)
+    images = [random_image(*hw, seed=s) for s in (5, 6)]
+    prompts = [PROMPTS, ["cat"]]
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    refs = []
+    with torch.no_grad():
+        empty = F.normalize(model.encode_text(tok([""])), dim=-1)
+        for image, ps in zip(images, prompts):
+            x = torch.from_numpy(np.ascontiguousarray(preprocess.normalize(preprocess.resize(image, hw))[None]
+                                                      .transpose(0, 3, 1, 2)))
+            feats = F.normalize(clipsurgery_tokens(model.visual, x, depth=2), dim=-1)
+            text = F.normalize(model.encode_text(tok(ps)), dim=-1)
+            sim = clip_feature_surgery(feats, text, empty if len(ps) == 1 else None)[:, 1:]
+            sim = sim.permute(0, 2, 1).reshape(1, len(ps), 14, 14)
+            refs.append(F.interpolate(sim, size=hw, mode="bilinear", align_corners=False)[0].numpy())
+    with jax.default_matmul_precision("highest"):
+        out = GEM(jm, method="clipsurgery", layers=2, size=hw, template="{}", feature_surgery=True)
+        out = out.heatmaps(images, prompts)
+    for i, (mine, ref) in enumerate(zip(out.logits, refs)):
+        assert np.ptp(ref) > 0.05
+        assert parity(f"feature surgery maps, image {i}", mine, ref) <= LOGIT_TOL

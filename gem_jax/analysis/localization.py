@@ -25,6 +25,7 @@ __all__ = [
     "localization_metrics",
     "mask_to_patches",
     "method_paths",
+    "method_tokens",
     "object_background_contrast",
     "patch_similarity",
     "text_object_background_contrast",
@@ -140,6 +141,27 @@ def layer_tokens(vit: VisionTransformer, params, pixels, paths: Mapping[str, Any
         temps = {k: v for k, v in (inv_temps or {}).items() if k in group}
         out.update(_layer_tokens(vit, tuple(group.items()), params, pixels, temps, every_layer, head))
     return {name: out[name] for name in paths}
+
+
+def method_tokens(model, image, names: Sequence[str] = METHODS, *, size=None) -> dict[str, np.ndarray]:
+    """Every named method's patch tokens on the same image(s), in the joint space.
+
+    Args:
+      model: a loaded model (``.config``, ``.params``).
+      image: see :func:`as_pixels`.
+      names: methods (default all), each with its official defaults
+        (:func:`method_paths`).
+      size: model input size for raw images.
+    Returns:
+      ``{name: (B, h, w, D)}`` float32: the last block's tokens after
+      ``ln_post @ proj``, class token dropped, on the patch grid.
+    """
+    cfg = model.config
+    pixels = as_pixels(image, cfg.vision.patch_size, size=size)
+    vit, params = visual_tower(model)
+    toks = layer_tokens(vit, params, pixels, method_paths(cfg.vision.layers, names), every_layer=False)
+    h, w = vit.grid_shape(pixels)
+    return {name: np.asarray(t[0, :, 1:]).reshape(t.shape[1], h, w, -1) for name, t in toks.items()}
 
 
 def _pair_cosines(patches):
