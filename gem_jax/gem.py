@@ -9,14 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gem_jax.config import METHODS
+from gem_jax.config import METHODS  # noqa: F401  (the one list of method names, re-exported here)
 from gem_jax.models.layers import l2_normalize, merge_heads, softmax_attention
 from gem_jax.models.vision import VisionTransformer
 
 PROJECTIONS = ("q", "k", "v")
-#: The one list of method names (defined in :mod:`gem_jax.config`); what each does is
-#: :data:`gem_jax.methods.TABLE`.
-METHODS = METHODS
 
 
 @dataclasses.dataclass(frozen=True)

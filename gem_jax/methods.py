@@ -10,20 +10,21 @@ The original blocks keep running beside it. With one modified block this is exac
 :func:`gem_jax.gem.run_paths`; the pipeline, the analysis tools, the benchmark and
 the evaluation all go through it.
 
-=============  ======  ==============================================  ========  =====  =============
-method         blocks  attention (per head, ``s = head_dim ** -0.5``)    residual  MLP    pos-embed
-=============  ======  ==============================================  ========  =====  =============
-``clip``       0       (none: the plain tower)                           --        --     bicubic_aa
-``gem``        6       GEM's normalised q-q/k-k/v-v ensemble (eqs. 5-7)  yes       no     bicubic_aa
-``maskclip``   1       ``v`` (each token its own value)                  yes       yes    bicubic
-``clipsurgery``6       ``softmax(v vᵀ s) v``; class token of the         yes       no     bilinear
-                       original path
-``sclip``      1       ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v``         yes       yes    bicubic_scale
-``clearclip``  1       ``softmax(q qᵀ s) v``                             no        no     bicubic_scale
-``naclip``     1       ``softmax(k kᵀ s + Ω) v``, Gaussian Ω (σ = 5)     no        no     bicubic_scale
-=============  ======  ==============================================  ========  =====  =============
+``TABLE`` (official defaults; ``s = head_dim ** -0.5``; residual / MLP on the path;
+pos-embed resampling at other sizes):
 
-The pos-embed column names :data:`gem_jax.models.layers.POSEMB_METHODS`: how each
+- ``clip``: no block changed; bicubic_aa.
+- ``gem``: last 6; GEM's normalised q-q, k-k, v-v ensemble (paper eqs. 5-7); yes / no;
+  bicubic_aa.
+- ``maskclip``: last 1; ``v``, each token its own value; yes / yes; bicubic.
+- ``clipsurgery``: last 6; ``softmax(v vᵀ s) v``, then the original path's class token;
+  yes / no; bilinear.
+- ``sclip``: last 1; ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v``; yes / yes; bicubic_scale.
+- ``clearclip``: last 1; ``softmax(q qᵀ s) v``; no / no; bicubic_scale.
+- ``naclip``: last 1; ``softmax(k kᵀ s + Ω) v``, Ω Gaussian over grid distances
+  (σ = 5); no / no; bicubic_scale.
+
+The resampling names are :data:`gem_jax.models.layers.POSEMB_METHODS`: how each
 official code resamples the positional embedding at a size other than the
 checkpoint's grid.
 """
