@@ -47,3 +47,39 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+METHOD_HELP = ("gem (default), clip (plain patch tokens), maskclip, clipsurgery, sclip, clearclip, naclip: "
+               "what each changes is in the README's methods table")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method`` (choices: the one list of methods) and the method options, for every
+    command that chooses a method. ``--gem-layers``, ``--iterations`` and
+    ``--temperature`` are added by the commands themselves."""
+    from gem_jax.config import METHODS
+
+    parser.add_argument("--method", choices=METHODS, default="gem", help=METHOD_HELP)
+    parser.add_argument("--sigma", type=positive_float, default=None,
+                        help="naclip: width of the Gaussian neighbourhood, in patches (default 5)")
+    parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                        help="one-block methods: keep the residual in the modified block (default: the method's "
+                             "own: on for maskclip and sclip, off for clearclip and naclip)")
+    parser.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the block's MLP on the method's path (default: the method's own: on for "
+                             "maskclip and sclip, off for gem, clipsurgery, clearclip, naclip)")
+    parser.add_argument("--feature-surgery", action="store_true",
+                        help="CLIP Surgery's feature surgery in place of the raw cosines (any method; off)")
+
+
+def method_kwargs(args: argparse.Namespace) -> dict:
+    """The ``GEM(...)`` keyword arguments of :func:`add_method_arguments`'s flags."""
+    return dict(method=args.method, sigma=args.sigma, residual=args.residual, mlp=args.mlp,
+                feature_surgery=args.feature_surgery)
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """Raises ValueError when the method flags do not fit the method (before any model load)."""
+    from gem_jax.methods import get_method
+
+    get_method(args.method, layers=args.gem_layers, residual=args.residual, mlp=args.mlp, sigma=args.sigma)

@@ -46,28 +46,41 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def count_flops(config: CLIPConfig, size: tuple[int, int], opts: gem_lib.GEMOptions, prompts: int) -> dict:
-    """Multiply-adds x 2 of one image's GEM heatmaps, by part (GFLOP).
+def count_flops(config: CLIPConfig, size: tuple[int, int], opts, prompts: int) -> dict:
+    """Multiply-adds x 2 of one image's heatmaps, by part (GFLOP).
 
-    Counts matrix products only (elementwise work, softmax and LayerNorm are small
-    beside them): patch embedding, the blocks before the GEM path, the blocks beside
-    it (their q/k/v projections, original attention and MLP, except the last block's
-    attention output and MLP, which GEM does not use), the self-self attention
-    (``iterations + 1`` attentions of two N x N products per projection) with its output
-    projection, ``ln_post @ proj``, the text similarity and the bilinear upsampling.
+    ``opts`` is GEM options or any :class:`gem_jax.methods.Method`. Counts matrix
+    products only (elementwise work, softmax and LayerNorm are small beside them):
+    patch embedding, the blocks before the method's path, the original blocks beside
+    it (their q/k/v projections, attention and MLP, except the last block's attention
+    output and MLP when the path does not use them), the path's attention with its
+    output projection and MLP (GEM: ``iterations + 1`` attentions of two N x N products
+    per projection; one per projection for the other self-self attentions; none for
+    MaskCLIP's), ``ln_post @ proj``, the text similarity and the bilinear upsampling.
+    The keys keep GEM's names for every method.
     """
+    from gem_jax.methods import GEMAttention, SelfSelf, as_method
+
+    method = as_method(opts)
     v = config.vision
     p = v.patch_size
     h, w = size[0] // p, size[1] // p
     n, c, m, d = v.tokens(size), v.width, v.mlp_width, config.embed_dim
     qkv, attn, out, mlp = 2 * n * c * 3 * c, 2 * 2 * n * n * c, 2 * n * c * c, 2 * 2 * n * c * m
-    start = v.layers - opts.layers
+    k = method.blocks
+    att = method.attention
+    if isinstance(att, GEMAttention):
+        mixing = len(att.options.projections) * (att.options.iterations + 1) * attn
+    elif isinstance(att, SelfSelf):
+        mixing = len(att.projections) * attn
+    else:
+        mixing = 0
+    last_original = 1 if method.class_token == "original" else 0
     parts = {
         "patch_embed": 2 * h * w * c * 3 * p * p,
-        "blocks": start * (qkv + attn + out + mlp),
-        "gem_blocks_original": opts.layers * qkv + (opts.layers - 1) * (attn + out + mlp),
-        "self_self_attention": opts.layers * (len(opts.projections) * (opts.iterations + 1) * attn + out
-                                              + (mlp if opts.mlp else 0)),
+        "blocks": (v.layers - k) * (qkv + attn + out + mlp),
+        "gem_blocks_original": k * qkv + max(k - 1 + last_original, 0) * (attn + out + mlp),
+        "self_self_attention": k * (mixing + out + (mlp if method.mlp else 0)),
         "head": 2 * n * c * d,
         "similarity": 2 * h * w * d * prompts,
         "upsample": 2 * prompts * (size[0] * h * w + size[0] * w * size[1]),
@@ -138,11 +151,11 @@ class _Runner:
         return out
 
 
-def _jax_runner(model, size, batch, text, opts, dtype, schedule) -> tuple[_Runner, Callable]:
+def _jax_runner(model, size, batch, text, opts, dtype, schedule, method: str = "gem") -> tuple[_Runner, Callable]:
     from gem_jax.pipeline import GEM
 
-    g = GEM(model, layers=opts.layers, iterations=opts.iterations, temperature=opts.temperature,
-            size=size, batch_size=batch, dtype=dtype, schedule=schedule)
+    kw = dict(layers=opts.layers, iterations=opts.iterations, temperature=opts.temperature) if method == "gem" else {}
+    g = GEM(model, method=method, size=size, batch_size=batch, dtype=dtype, schedule=schedule, **kw)
     pixels, emb = text["pixels"], text["jax"]
     mask = np.ones(emb.shape[:2], bool)
     t = time.perf_counter()
@@ -155,7 +168,8 @@ def _jax_runner(model, size, batch, text, opts, dtype, schedule) -> tuple[_Runne
     def call():
         return jax.device_get(compiled(g._vparams, pixels, emb, mask))
 
-    return _Runner(f"gem-jax {dtype}", call, compile_s, xla_bytes), lambda out: out[1]
+    name = f"gem-jax {dtype}" if method == "gem" else f"{method} (gem-jax {dtype})"
+    return _Runner(name, call, compile_s, xla_bytes), lambda out: out[1]
 
 
 def _reference_runner(torch_model, opts, text) -> tuple[_Runner, Callable]:
@@ -197,7 +211,8 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
         prompts: Sequence[int] = (1, 8, 64), rounds: int = 5, reference: bool = False,
         dtypes: Sequence[str] = ("float32",), schedule: gem_lib.Schedule | str = "auto",
         head_chunk: int | None = None, image_chunk: int | None = None,
-        opts: gem_lib.GEMOptions = gem_lib.GEMOptions(), progress: bool = True) -> dict:
+        opts: gem_lib.GEMOptions = gem_lib.GEMOptions(), progress: bool = True,
+        methods: Sequence[str] = ("gem",)) -> dict:
     """Benchmarks every (batch, prompt count) case; returns a JSON-ready dict.
 
     Args:
@@ -212,6 +227,9 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
       head_chunk, image_chunk: when given, replace that field of the schedule.
       opts: GEM options.
       progress: print a line per measurement to stderr.
+      methods: the methods timed (:data:`gem_jax.gem.METHODS`, official defaults; GEM
+        with ``opts``); "max diff vs first" compares each with the first run of the
+        same method (the reference is GEM).
     """
     import sys
 
@@ -224,6 +242,15 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
 
     hw = (size, size) if isinstance(size, int) else tuple(size)
     config = architecture(arch)
+    methods = tuple(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in gem_lib.METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {gem_lib.METHODS}, got {list(methods)}")
+    if reference and "gem" not in methods:
+        raise ValueError("the reference is gem-torch: time it with the gem method")
+    from gem_jax.methods import get_method
+
+    specs = {m: opts if m == "gem" else get_method(m) for m in methods}
     torch_model = None
     if reference:
         try:
@@ -246,7 +273,7 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
     say("measuring the float32 matmul peak")
     peaks = [matmul_peak()]
     result = {
-        "arch": arch, "size": list(hw), "gem_options": dataclasses.asdict(opts),
+        "arch": arch, "size": list(hw), "gem_options": dataclasses.asdict(opts), "methods": list(methods),
         "schedule": dataclasses.asdict(schedule), "rounds": rounds,
         "matmul_peak_gflops": None,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -262,34 +289,40 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
     rng = np.random.default_rng(0)
     for batch in batches:
         for n_prompts in prompts:
-            flops = count_flops(config, hw, opts, n_prompts)
+            flops = {m: count_flops(config, hw, spec, n_prompts) for m, spec in specs.items()}
             emb = rng.standard_normal((n_prompts, config.embed_dim)).astype(np.float32)
             emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
             data = {"pixels": rng.standard_normal((batch, *hw, 3)).astype(np.float32),
                     "jax": np.broadcast_to(emb, (batch, *emb.shape)).copy(), "torch": emb[None]}
-            runners = []
-            for dtype in dtypes:
-                say(f"batch {batch}, {n_prompts} prompts: compiling gem-jax {dtype}")
-                runners.append(_jax_runner(model, hw, batch, data, opts, dtype, schedule))
+            runners, of = [], []
+            for method in methods:
+                for dtype in dtypes:
+                    say(f"batch {batch}, {n_prompts} prompts: compiling {method} gem-jax {dtype}")
+                    runners.append(_jax_runner(model, hw, batch, data, opts, dtype, schedule, method))
+                    of.append(method)
             if reference:
                 runners.append(_reference_runner(torch_model, opts, data))
+                of.append("gem")
             outputs = [heat(r.timed()) for r, heat in runners]  # warm-up
+            first = {m: outputs[of.index(m)] for m in methods}
             for i in range(rounds):
                 for r, _ in runners:
                     r.timed()
                 say(f"batch {batch}, {n_prompts} prompts: round {i + 1}/{rounds}: "
                     + ", ".join(f"{r.name} {r.times[-1]:.2f} s" for r, _ in runners))
-            case = {"batch": batch, "prompts": n_prompts, "gflop_per_image": flops, "results": []}
-            for (r, _), out in zip(runners, outputs):
+            case = {"batch": batch, "prompts": n_prompts, "gflop_per_image": flops[methods[0]], "results": []}
+            for (r, _), out, method in zip(runners, outputs, of):
                 timed = r.times[1:]
                 median = statistics.median(timed)
+                total = flops[method]["total"]
                 entry = {
-                    "name": r.name, "images_per_s": batch / median, "images_per_s_best": batch / min(timed),
+                    "name": r.name, "method": method, "gflop_per_image": total,
+                    "images_per_s": batch / median, "images_per_s_best": batch / min(timed),
                     "median_s": median, "times_s": timed,
-                    "gflops": flops["total"] * batch / median,
+                    "gflops": total * batch / median,
                     "compile_s": r.compile_s, "xla_memory_bytes": r.xla_bytes, "peak_rss_increase_bytes": r.rss,
                     "max_abs_diff_vs_first": float(np.abs(np.asarray(out, np.float32)
-                                                          - np.asarray(outputs[0], np.float32)).max()),
+                                                          - np.asarray(first[method], np.float32)).max()),
                 }
                 case["results"].append(entry)
             if reference:

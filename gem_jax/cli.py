@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from gem_jax import _files, argtypes
+from gem_jax.config import METHODS
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -54,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 0.85)")
     seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                    "(default ViT-B/16:openai)")
-    seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
-    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
+    argtypes.add_method_arguments(seg)
+    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
+                     help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
     seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
     seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
                      help="the paper's tau; default: adaptive")
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-chunk", type=argtypes.positive_int, default=None,
                        help="images per step through the tower (default: the backend's best)")
     bench.add_argument("--no-chunks", action="store_true", help="whole batch and all heads at once")
+    bench.add_argument("--method", dest="methods", nargs="+", choices=METHODS, default=["gem"],
+                       help="methods to time, each with its official defaults (gem)")
     bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     bench.add_argument("--force", action="store_true", help="overwrite --out")
     return parser
@@ -298,6 +302,10 @@ def cmd_segment(args) -> int:
 
     from gem_jax import pipeline
 
+    try:  # a bad method option fails before the (slow) model load
+        argtypes.check_method(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     start = time.perf_counter()
     print(f"loading model {args.model or 'ViT-B/16:openai'} ...", file=sys.stderr)
     model = _load_model(args.model)
@@ -308,7 +316,8 @@ def cmd_segment(args) -> int:
         print(f"note: {model.name} has random weights (gem-jax convert --random); the pictures say so",
               file=sys.stderr)
     try:
-        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
+                           iterations=args.iterations,
                            temperature=args.temperature, template=args.template, size=args.size,
                            short_side=args.short_side, dtype=args.dtype)
     except ValueError as e:
@@ -507,10 +516,12 @@ def cmd_bench(args) -> int:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
+    if args.reference and "gem" not in args.methods:
+        raise UsageError("--reference times gem-torch: include gem in --method")
     try:
         result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
                            args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
-                           head_chunk=args.head_chunk, image_chunk=args.image_chunk)
+                           head_chunk=args.head_chunk, image_chunk=args.image_chunk, methods=args.methods)
     except RuntimeError as e:
         raise RuntimeFailure(str(e)) from None
     print(bench.format_table(result))

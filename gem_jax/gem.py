@@ -1,20 +1,20 @@
-"""The GEM self-self attention path beside CLIP's last ViT blocks, and the method switch."""
+"""The GEM self-self attention path beside CLIP's last ViT blocks, and the tower loop every method runs in."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gem_jax.config import METHODS  # noqa: F401  (the one list of method names, re-exported here)
 from gem_jax.models.layers import l2_normalize, merge_heads, softmax_attention
 from gem_jax.models.vision import VisionTransformer
 
 PROJECTIONS = ("q", "k", "v")
-METHODS = ("gem", "clip")
 #: Smallest accepted temperature tau, with a margin: much smaller ones (1e-30) underflow
 #: every softmax weight of a row (a token's cosine with itself is 1 only up to rounding): 0/0.
 MIN_TEMPERATURE = 1e-3
@@ -217,73 +217,108 @@ def _block(blk, x, head_chunk):
     return blk.residual_mlp(x)
 
 
-def _gem_tokens_path(vit: VisionTransformer, pixels, opts: GEMOptions | None, want_clip: bool,
-                     head_chunk: int | None = None):
-    """Runs the tower once; returns ``(gem_tokens | None, clip_tokens | None)`` before the head."""
-    x = vit.embed(pixels)
+def run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, Any], *, want_original: bool = True,
+              head_chunk: int | None = None, inv_temps: Mapping[str, Any] | None = None,
+              every_layer: bool = False) -> dict[str, list]:
+    """The tower loop: one pass of the original blocks with each method's path beside them.
+
+    Must run inside a bound module (``nn.apply``). Every path starts from the tokens
+    entering its first modified block; in each modified block it takes the block's
+    q, k, v of ``ln_1`` of the original tokens, adds (or with ``residual=False``
+    becomes) ``out_proj(attention(q, k, v))``, then runs the MLP if the method says so.
+
+    Args:
+      vit: the bound tower.
+      pixels: (B, H, W, 3) normalised pixels.
+      paths: ``{name: Method | GEMOptions | None}`` (``None``: the original tokens).
+        All must resample the positional embedding the same way.
+      want_original: the original path's last block is needed (else it is skipped
+        unless a path takes its class token).
+      head_chunk: (image, head) pairs per attention step; never changes results.
+      inv_temps: optional ``{name: 1/tau}`` overriding GEM's temperature of a path.
+      every_layer: keep every block's output, not just the last.
+    Returns:
+      ``{name: [tokens (B, 1 + h*w, C) after each block]}`` before the head (only the
+      last block's unless ``every_layer``); before its first modified block a path's
+      tokens are the original ones.
+    """
+    from gem_jax.methods import Context, as_method
+
+    methods = {name: as_method(spec) for name, spec in paths.items()}
+    posembs = {m.posemb for m in methods.values() if m.blocks}
+    if len(posembs) > 1:
+        raise ValueError(f"paths resample the positional embedding differently ({sorted(posembs)}); run them apart")
     blocks = vit.resblocks
-    if opts is None:
-        for blk in blocks:
+    n = len(blocks)
+    for name, m in methods.items():
+        if m.blocks > n:
+            raise ValueError(f"{m.name} layers={m.blocks} exceeds the model's {n} blocks")
+    inv_temps = dict(inv_temps or {})
+    grid = vit.grid_shape(pixels)
+    x = vit.embed(pixels, posembs.pop() if posembs else None)
+    new: dict[str, Any] = {name: None for name, m in methods.items() if m.blocks}
+    keep_last = want_original or any(m.class_token == "original" for m in methods.values())
+    out: dict[str, list] = {name: [] for name in methods}
+    for i, blk in enumerate(blocks):
+        last = i == n - 1
+        for name in new:
+            if i == n - methods[name].blocks:
+                new[name] = x
+        active = [name for name in new if new[name] is not None]
+        if not active:
             x = _block(blk, x, head_chunk)
-        return None, x
-    if opts.layers > len(blocks):
-        raise ValueError(f"GEM layers={opts.layers} exceeds the model's {len(blocks)} blocks")
-    start = len(blocks) - opts.layers
-    for blk in blocks[:start]:
-        x = _block(blk, x, head_chunk)
-    g = x
-    for i, blk in enumerate(blocks[start:], start):
-        y = blk.ln_1(x).astype(vit.dtype)
-        q, k, v = blk.attn.qkv(y)
-        # With only GEM tokens wanted, the last block's original attention and MLP
-        # feed nothing: skip them.
-        if want_clip or i < len(blocks) - 1:
-            x = x + blk.attn.out(_attend(blk, q, k, v, head_chunk)).astype(x.dtype)
-            x = blk.residual_mlp(x)
-        if opts.temperature is not None:
-            inv_temp = jnp.float32(1.0 / float(opts.temperature))
-        elif opts.normalize:
-            inv_temp = adaptive_inverse_temperature(y, blk.attn.head_dim)
         else:
-            inv_temp = jnp.float32(blk.attn.head_dim ** -0.5)
-        inv_temp = jnp.broadcast_to(inv_temp, (q.shape[0], 1, 1, 1))
-        chosen = {"q": q, "k": k, "v": v}
+            y = blk.ln_1(x).astype(vit.dtype)
+            q, k, v = blk.attn.qkv(y)
+            for name in active:
+                m = methods[name]
+                ctx = Context(y, grid, blk.attn.head_dim, head_chunk, inv_temps.get(name))
+                o = blk.attn.out(merge_heads(m.attention(q, k, v, ctx))).astype(x.dtype)
+                z = new[name] + o if m.residual else o
+                new[name] = blk.residual_mlp(z) if m.mlp else z
+            # With only the paths wanted, the original last block feeds nothing: skip it.
+            if keep_last or not last:
+                x = x + blk.attn.out(_attend(blk, q, k, v, head_chunk)).astype(x.dtype)
+                x = blk.residual_mlp(x)
+        if every_layer or last:
+            for name, m in methods.items():
+                tok = x if new.get(name) is None else new[name]
+                if last and m.class_token == "original":
+                    tok = tok.at[:, 0].set(x[:, 0])
+                out[name].append(tok)
+    return out
 
-        def ensemble(v, inv_temp, *ps):
-            # One call per projection: XLA's CPU dot is much slower on a stacked 5-D batch.
-            ss = [self_self_attention(p, v, inv_temp, opts.iterations, opts.normalize) for p in ps]
-            return sum(ss) / len(ss)
 
-        avg = map_heads(ensemble, head_chunk, v, inv_temp, *(chosen[name] for name in opts.projections))
-        out = blk.attn.out(merge_heads(avg))
-        g = g + out.astype(g.dtype)
-        if opts.mlp:
-            g = blk.residual_mlp(g)
-    return g, (x if want_clip else None)
-
-
-def vision_tokens(vit: VisionTransformer, params, pixels, opts: GEMOptions | None = GEMOptions(),
+def vision_tokens(vit: VisionTransformer, params, pixels, opts: Any = GEMOptions(),
                   want_clip: bool = True, schedule: Schedule | str = Schedule()):
-    """One forward pass of the image tower with the GEM path beside its last blocks.
+    """One forward pass of the image tower with a method's path beside its last blocks.
 
     Args:
       vit: the tower module (unbound).
       params: its parameters (``params["visual"]`` of a CLIP tree).
       pixels: (B, H, W, 3) normalised pixels, H and W multiples of the patch size.
-      opts: GEM options, or ``None`` for plain CLIP only.
+      opts: a :class:`gem_jax.methods.Method`, GEM options (the GEM method), or
+        ``None`` for plain CLIP only.
       want_clip: also return the plain CLIP tokens.
       schedule: how the pass is laid out (:class:`Schedule`, or ``"auto"`` for
         :meth:`Schedule.auto` at this input's token count); results do not depend on it.
     Returns:
       ``{"gem": (B, 1 + h*w, D) | None, "clip": (B, 1 + h*w, D) | None}``, all tokens
-      after ``ln_post @ proj`` (class token first).
+      after ``ln_post @ proj`` (class token first); ``"gem"`` holds the method's path
+      (whatever the method), ``None`` for plain CLIP.
     """
     vit.grid_shape(pixels)  # validates the size
     schedule = Schedule.resolve(schedule, tokens=vit.config.tokens(pixels.shape[1:3]))
+    plain = opts is None or getattr(opts, "blocks", 1) == 0
+    want_clip = want_clip or plain
+    paths = {} if plain else {"path": opts}
+    if want_clip:
+        paths["clip"] = None
 
     def run(module, pixels):
-        g, x = _gem_tokens_path(module, pixels, opts, want_clip or opts is None, schedule.head_chunk)
-        return {"gem": None if g is None else module.head(g), "clip": None if x is None else module.head(x)}
+        res = run_paths(module, pixels, paths, want_original=want_clip, head_chunk=schedule.head_chunk)
+        return {"gem": None if plain else module.head(res["path"][-1]),
+                "clip": module.head(res["clip"][-1]) if want_clip else None}
 
     apply = nn.apply(run, vit)
     b = pixels.shape[0]

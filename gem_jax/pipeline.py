@@ -63,7 +63,8 @@ def estimate_memory(config: CLIPConfig, hw: tuple[int, int], images: int = 1, pr
     sched = gem_lib.Schedule.resolve(schedule, tokens=n)
     tower_images = min(images, sched.image_chunk or images)
     pairs = tower_images * v.heads if sched.head_chunk is None else min(sched.head_chunk, tower_images * v.heads)
-    maps_alive = 3 + (len(projections) if method == "gem" else 0)  # logits, weights, product; one per projection
+    # logits, weights, product; GEM keeps one more per projection, the other paths one
+    maps_alive = 3 + (len(projections) if method == "gem" else 0 if method == "clip" else 1)
     attention = pairs * n * n * 4 * maps_alive
     activations = tower_images * n * v.width * 4 * 16  # residual, q/k/v, MLP hidden (4x) and their copies
     outputs = images * _bucket(min(prompts, PROMPT_CHUNK), 8) * h * w * 4 * 6  # logits, heatmaps, upsampling
@@ -225,8 +226,18 @@ class GEM:
 
     Args:
       model: a :class:`Model` from :func:`load`.
-      method: ``"gem"`` or ``"clip"`` (the plain CLIP patch tokens).
-      layers, iterations, temperature, projections, normalize, mlp: see
+      method: one of :data:`gem_jax.gem.METHODS`: ``"gem"``, ``"clip"`` (the plain CLIP
+        patch tokens), ``"maskclip"``, ``"clipsurgery"``, ``"sclip"``, ``"clearclip"``,
+        ``"naclip"`` (:data:`gem_jax.methods.TABLE` says what each changes).
+      layers: last blocks with the method's path (``gem`` and ``clipsurgery``,
+        default 6; the other methods change the last block only).
+      residual, mlp: keep the residual / run the MLP on the path (default: the
+        method's own; ``mlp`` is also GEM's Table 6 variant).
+      sigma: NACLIP's neighbourhood width in patches (default 5).
+      feature_surgery: CLIP Surgery's feature surgery in place of the raw cosines,
+        for any method (:func:`gem_jax.methods.masked_feature_surgery`; off by
+        default, also for ``clipsurgery``, whose maintainers segment without it).
+      iterations, temperature, projections, normalize: GEM's, see
         :class:`gem_jax.gem.GEMOptions`.
       size: model input size, an int (square) or (H, W); default 448 when
         ``short_side`` is not given.
@@ -250,13 +261,17 @@ class GEM:
         needs more raises :class:`MemoryLimitError`; ``None`` skips the check.
     """
 
-    def __init__(self, model: Model, *, method: str = "gem", layers: int = 6, iterations: int = 1,
+    def __init__(self, model: Model, *, method: str = "gem", layers: int | None = None, iterations: int = 1,
                  temperature: float | None = None, projections: Sequence[str] = gem_lib.PROJECTIONS,
-                 normalize: bool = True, mlp: bool = False, size: int | tuple[int, int] | None = None,
+                 normalize: bool = True, mlp: bool | None = None, residual: bool | None = None,
+                 sigma: float | None = None, feature_surgery: bool = False,
+                 size: int | tuple[int, int] | None = None,
                  short_side: int | None = None, template: str | Sequence[str] = DEFAULT_TEMPLATE,
                  batch_size: int = 8, dtype: str = "float32", schedule: gem_lib.Schedule | str = "auto",
                  devices: Sequence[Any] | None = None, max_long_side: int | None = MAX_LONG_SIDE,
                  memory_limit: int | str | None = "auto"):
+        from gem_jax import methods as methods_lib
+
         if method not in gem_lib.METHODS:
             raise ValueError(f"method must be one of {gem_lib.METHODS}, got {method!r}")
         if dtype not in _DTYPES:
@@ -265,10 +280,16 @@ class GEM:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
         self.method = method
-        self.options = gem_lib.GEMOptions(layers=layers, iterations=iterations, temperature=temperature,
-                                          projections=tuple(projections), normalize=normalize, mlp=mlp)
-        if method == "gem" and self.options.layers > model.config.vision.layers:
-            raise ValueError(f"layers={layers} exceeds the model's {model.config.vision.layers} vision blocks")
+        self.options = gem_lib.GEMOptions(layers=6 if layers is None else layers, iterations=iterations,
+                                          temperature=temperature, projections=tuple(projections),
+                                          normalize=normalize, mlp=bool(mlp))
+        #: What the method does to the last blocks (a :class:`gem_jax.methods.Method`).
+        self.spec = methods_lib.get_method(method, layers=layers, residual=residual, mlp=mlp, sigma=sigma,
+                                           iterations=iterations, temperature=temperature,
+                                           projections=tuple(projections), normalize=normalize)
+        if self.spec.blocks > model.config.vision.layers:
+            raise ValueError(f"layers={self.spec.blocks} exceeds the model's {model.config.vision.layers} "
+                             "vision blocks")
         self.size, self.short_side = size, short_side
         self.max_long_side = max_long_side
         preprocess.target_size(224, 224, size=size, short_side=short_side, max_long_side=max_long_side,
@@ -293,13 +314,17 @@ class GEM:
                                   devices=devices)
         replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         self._vparams = jax.device_put(model.params["visual"], replicated)
-        opts = self.options if method == "gem" else None
+        opts = None if method == "clip" else self.spec
         # Each device runs the plain single-device program on its share of the batch.
-        per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule), mesh=self.mesh,
+        self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
+        # CLIP Surgery's single-prompt case subtracts the empty prompt's embedding.
+        surgery = jnp.asarray(self.embed_text([""])[0]) if feature_surgery else None
+        self.feature_surgery = feature_surgery
+        per_device = jax.shard_map(functools.partial(_image_maps, self._vit, opts, schedule, surgery=surgery),
+                                   mesh=self.mesh,
                                    in_specs=(P(), P("data"), P("data"), P("data")),
                                    out_specs=(P("data"), P("data")))
         self._maps = jax.jit(per_device, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
-        self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
 
     @staticmethod
     def _templates(template) -> tuple[str, ...]:
@@ -396,7 +421,9 @@ class GEM:
         sizes = [self._input_size(im, size, short_side) for im in images]
         distinct = list(dict.fromkeys(p for s in sets for p in s))
         table = dict(zip(distinct, self.embed_text(distinct)))
-        p_bucket = _bucket(min(max(len(s) for s in sets), PROMPT_CHUNK), 8)
+        most = max(len(s) for s in sets)
+        # Feature surgery weighs every prompt against all the others: one chunk holds them all.
+        p_bucket = _bucket(most if self.feature_surgery else min(most, PROMPT_CHUNK), 8)
         dim = self.model.config.embed_dim
 
         logits: list = [None] * len(images)
@@ -491,15 +518,21 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     return labels
 
 
-def _image_maps(vit, opts, schedule, params, pixels, text, mask):
+def _image_maps(vit, opts, schedule, params, pixels, text, mask, surgery=None):
     """(B, H, W, 3) pixels and per-image text sets (B, P, D) with validity mask (B, P)
-    -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero."""
+    -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero. With ``surgery``
+    (the empty prompt's embedding), CLIP Surgery's feature surgery replaces the cosines."""
     grid = vit.grid_shape(pixels)
     tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None, schedule=schedule)
     tokens = tokens["gem"] if opts is not None else tokens["clip"]
 
     def one_image(tok, txt, valid):
-        sims = gem_lib.patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
+        if surgery is None:
+            sims = gem_lib.patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
+        else:
+            from gem_jax.methods import masked_feature_surgery
+
+            sims = masked_feature_surgery(tok, txt, valid, surgery).reshape(-1, *grid)
         maps = resize_2d(sims, pixels.shape[1:3], "bilinear", axes=(-2, -1))
         maps = jnp.where(valid[:, None, None], maps, 0.0)
         return maps, gem_lib.min_max(maps)

@@ -24,11 +24,13 @@ def test_notebook_runs_and_draws_its_figures(monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    # 1a: counts, attention, PCA; 1b: counts, PCA; 2: Lipschitz; 3: scenes, metrics; 4: calibration
-    assert len(pngs) == 9, len(pngs)
+    # 1a: counts, attention, PCA; 1b: counts, PCA; 2: Lipschitz; 3: scenes, metrics; 4: calibration;
+    # 5: every method's tokens, every method's metrics
+    assert len(pngs) == 11, len(pngs)
     text = "".join(o.get("text", "") for o in outputs)
     assert "mean number of clusters" in text and "C_v" in text and "held-out mIoU" in text
     assert "tiny model, RANDOM weights" in text
+    assert all(m in text for m in ("maskclip", "clipsurgery", "sclip", "clearclip", "naclip"))
     intro = nb.cells[0].source
     assert nb.cells[0].cell_type == "markdown" and "random weights" in intro.lower()
     assert "not the paper's results" in intro

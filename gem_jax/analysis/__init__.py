@@ -5,7 +5,8 @@ from gem_jax.analysis.clustering import (COS_THRESHOLD, ClusteringGrid, cluster_
                                          count_clusters, iterate_self_self, random_token_set, tokens_at_layer)
 from gem_jax.analysis.lipschitz import PAPER_LIPSCHITZ, LipschitzReport, lipschitz_constants, spectral_norm
 from gem_jax.analysis.localization import (LocalizationMetrics, as_pixels, default_paths, layer_tokens,
-                                           localization_metrics, object_background_contrast, patch_similarity,
+                                           localization_metrics, method_paths, method_tokens,
+                                           object_background_contrast, patch_similarity,
                                            text_object_background_contrast, toy_scenes, visual_tower)
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "layer_tokens",
     "lipschitz_constants",
     "localization_metrics",
+    "method_paths",
+    "method_tokens",
     "object_background_contrast",
     "patch_similarity",
     "random_token_set",

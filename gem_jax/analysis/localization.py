@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gem_jax import gem as gem_lib
-from gem_jax.gem import GEMOptions
+from gem_jax.gem import METHODS, GEMOptions
+from gem_jax.methods import TABLE, GEMAttention, Method, as_method, get_method
 from gem_jax.models import VisionTransformer
-from gem_jax.models.layers import l2_normalize, merge_heads
+from gem_jax.models.layers import l2_normalize
 
 __all__ = [
     "LocalizationMetrics",
@@ -23,12 +24,21 @@ __all__ = [
     "layer_tokens",
     "localization_metrics",
     "mask_to_patches",
+    "method_paths",
+    "method_tokens",
     "object_background_contrast",
     "patch_similarity",
     "text_object_background_contrast",
     "toy_scenes",
     "visual_tower",
 ]
+
+
+def method_paths(n_blocks: int, names: Sequence[str] = METHODS) -> dict[str, Method]:
+    """``{name: Method}`` of the named methods (default all) with their official
+    defaults, the six-block ones on ``min(6, n_blocks)`` blocks."""
+    return {name: get_method(name, layers=min(TABLE[name].blocks, n_blocks) if TABLE[name].blocks > 1 else None)
+            for name in names}
 
 
 def default_paths(n_blocks: int, layers: int = 6) -> dict[str, GEMOptions | None]:
@@ -80,95 +90,78 @@ def visual_tower(model) -> tuple[VisionTransformer, Any]:
     return VisionTransformer(cfg.vision, cfg.embed_dim), model.params["visual"]
 
 
-def _inverse_temperature(blk, y, opts: GEMOptions, override):
-    if override is not None:
-        return override
-    if opts.temperature is not None:
-        return 1.0 / float(opts.temperature)
-    if opts.normalize:
-        return gem_lib.adaptive_inverse_temperature(y, blk.attn.head_dim)
-    return blk.attn.head_dim ** -0.5
-
-
-def _run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, GEMOptions | None],
-               inv_temps: Mapping[str, Any], every_layer: bool):
-    """Bound-module forward with several parallel paths beside one original path.
-
-    Mirrors :func:`gem_jax.gem._gem_tokens_path` block for block (same public pieces,
-    same order of operations) but keeps every path's tokens after every block, and
-    takes an optional (traced) inverse temperature per path. Returns
-    ``{name: [tokens after block 0, ..., after the last block]}`` (only the last entry
-    unless ``every_layer``); before its first block a parallel path equals the original.
-    """
-    blocks = vit.resblocks
-    n = len(blocks)
-    for name, opts in paths.items():
-        if opts is not None and opts.layers > n:
-            raise ValueError(f"path {name!r}: layers={opts.layers} exceeds the model's {n} blocks")
-    x = vit.embed(pixels)
-    g = {name: None for name, o in paths.items() if o is not None}
-    out: dict[str, list] = {name: [] for name in paths}
-    for i, blk in enumerate(blocks):
-        starting = [name for name in g if i == n - paths[name].layers]
-        for name in starting:
-            g[name] = x
-        active = [name for name in g if g[name] is not None]
-        y = blk.ln_1(x).astype(vit.dtype)
-        q, k, v = blk.attn.qkv(y)
-        x = x + blk.attn.out(blk.attn.attend(q, k, v)).astype(x.dtype)
-        x = blk.residual_mlp(x)
-        chosen = {"q": q, "k": k, "v": v}
-        for name in active:
-            opts = paths[name]
-            inv = _inverse_temperature(blk, y, opts, inv_temps.get(name))
-            ss = [gem_lib.self_self_attention(chosen[p], v, inv, opts.iterations, opts.normalize)
-                  for p in opts.projections]
-            g[name] = g[name] + blk.attn.out(merge_heads(sum(ss) / len(ss))).astype(x.dtype)
-            if opts.mlp:
-                g[name] = blk.residual_mlp(g[name])
-        if every_layer or i == n - 1:
-            for name, opts in paths.items():
-                tok = x if opts is None or g[name] is None else g[name]
-                out[name].append(tok)
-    return out
-
-
 @functools.partial(jax.jit, static_argnames=("vit", "paths", "every_layer", "head"))
 def _layer_tokens(vit, paths, params, pixels, inv_temps, every_layer: bool, head: bool):
+    """``{name: (L, B, 1 + h*w, D)}`` of paths that share a pos-embed resampling, one pass."""
     paths = dict(paths)
 
     def run(module, pixels):
-        res = _run_paths(module, pixels, paths, inv_temps, every_layer)
+        res = gem_lib.run_paths(module, pixels, paths, inv_temps=inv_temps, every_layer=every_layer)
         fn = module.head if head else (lambda t: t)
         return {name: jnp.stack([fn(t) for t in toks]) for name, toks in res.items()}
 
     return nn.apply(run, vit)({"params": params}, pixels)
 
 
-def layer_tokens(vit: VisionTransformer, params, pixels, paths: Mapping[str, GEMOptions | None] | None = None,
+def layer_tokens(vit: VisionTransformer, params, pixels, paths: Mapping[str, Any] | None = None,
                  *, inv_temps: Mapping[str, Any] | None = None, every_layer: bool = True, head: bool = True):
-    """Tokens of several paths after every block, from one forward pass.
+    """Tokens of several paths after every block, one forward pass per pos-embed resampling.
 
     Args:
       vit: the image tower module (unbound).
       params: its parameters (``params["visual"]``).
       pixels: (B, H, W, 3) normalised pixels.
-      paths: ``{name: GEMOptions | None}``; ``None`` is the original CLIP path.
+      paths: ``{name: Method | GEMOptions | None}`` (:mod:`gem_jax.methods`; GEM
+        options are the GEM method with them; ``None`` is the original CLIP path).
         Default :func:`default_paths`.
-      inv_temps: optional ``{name: 1/tau}`` overriding a path's temperature with a
+      inv_temps: optional ``{name: 1/tau}`` overriding a GEM path's temperature with a
         (possibly traced, hence differentiable) scalar or (B, 1, 1, 1) array.
       every_layer: keep every block's output (else only the last).
       head: apply ``ln_post @ proj`` (the joint image-text space) to every layer's tokens.
     Returns:
       ``{name: (L, B, 1 + h*w, D)}``, L the number of blocks (1 if not ``every_layer``).
-      At blocks before a parallel path starts, its tokens equal CLIP's.
+      At blocks before a path starts, its tokens equal CLIP's (of the same pass: at
+      sizes other than the checkpoint's grid, each method's own pos-embed resampling).
     """
     if paths is None:
         paths = default_paths(vit.config.layers)
-    unknown = set(inv_temps or {}) - {name for name, o in paths.items() if o is not None}
+    specs = {name: as_method(spec) for name, spec in paths.items()}
+    unknown = set(inv_temps or {}) - {name for name, m in specs.items() if isinstance(m.attention, GEMAttention)}
     if unknown:
-        raise ValueError(f"inv_temps names no parallel path: {sorted(unknown)}")
-    return _layer_tokens(vit, tuple(paths.items()), params, pixels, dict(inv_temps or {}), every_layer, head)
+        raise ValueError(f"inv_temps names no GEM path: {sorted(unknown)}")
+    groups: dict[str, dict] = {}
+    for name, spec in paths.items():  # "clip" rides along with the first group
+        key = specs[name].posemb if specs[name].blocks else None
+        groups.setdefault(key, {})[name] = spec
+    if None in groups and len(groups) > 1:
+        plain = groups.pop(None)
+        groups.setdefault("bicubic_aa", {}).update(plain)
+    out = {}
+    for group in groups.values():
+        temps = {k: v for k, v in (inv_temps or {}).items() if k in group}
+        out.update(_layer_tokens(vit, tuple(group.items()), params, pixels, temps, every_layer, head))
+    return {name: out[name] for name in paths}
+
+
+def method_tokens(model, image, names: Sequence[str] = METHODS, *, size=None) -> dict[str, np.ndarray]:
+    """Every named method's patch tokens on the same image(s), in the joint space.
+
+    Args:
+      model: a loaded model (``.config``, ``.params``).
+      image: see :func:`as_pixels`.
+      names: methods (default all), each with its official defaults
+        (:func:`method_paths`).
+      size: model input size for raw images.
+    Returns:
+      ``{name: (B, h, w, D)}`` float32: the last block's tokens after
+      ``ln_post @ proj``, class token dropped, on the patch grid.
+    """
+    cfg = model.config
+    pixels = as_pixels(image, cfg.vision.patch_size, size=size)
+    vit, params = visual_tower(model)
+    toks = layer_tokens(vit, params, pixels, method_paths(cfg.vision.layers, names), every_layer=False)
+    h, w = vit.grid_shape(pixels)
+    return {name: np.asarray(t[0, :, 1:]).reshape(t.shape[1], h, w, -1) for name, t in toks.items()}
 
 
 def _pair_cosines(patches):
@@ -320,9 +313,10 @@ def _metrics(tokens, masks, text):
             text_object_background_contrast(patches, text[None], masks[None]))
 
 
-def localization_metrics(model, pixels, masks, text=None, paths: Mapping[str, GEMOptions | None] | None = None,
+def localization_metrics(model, pixels, masks, text=None, paths: Mapping[str, Any] | None = None,
                          *, mask_threshold: float = 0.5) -> LocalizationMetrics:
-    """Per-layer localisation metrics of CLIP, a Surgery-like v-v path and GEM.
+    """Per-layer localisation metrics of several paths (default CLIP, a Surgery-like v-v
+    path and GEM; :func:`method_paths` gives every method).
 
     All three metrics are computed on every block's output tokens after
     ``ln_post @ proj`` (the space where patches meet text), patches only.
@@ -367,5 +361,5 @@ def localization_metrics(model, pixels, masks, text=None, paths: Mapping[str, GE
         patch_similarity=sim,
         object_background=obc,
         text_object_background=tobc,
-        start_layer={name: None if o is None else n - o.layers for name, o in paths.items()},
+        start_layer={name: n - as_method(o).blocks if as_method(o).blocks else None for name, o in paths.items()},
     )

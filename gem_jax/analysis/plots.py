@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.colors import LogNorm
@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from gem_jax.analysis.calibration import CalibrationResult
-from gem_jax.analysis.clustering import ClusteringGrid
+from gem_jax.analysis.clustering import ClusteringGrid, cluster_labels_np
 from gem_jax.analysis.lipschitz import PAPER_LIPSCHITZ, LipschitzReport
 from gem_jax.analysis.localization import LocalizationMetrics
 
@@ -20,6 +20,7 @@ __all__ = [
     "cluster_count_figure",
     "lipschitz_figure",
     "localization_figure",
+    "methods_figure",
     "pca_figure",
 ]
 
@@ -210,3 +211,48 @@ def calibration_figure(result: CalibrationResult, title: str | None = None) -> F
         ax_miou.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax_miou.set_ylabel("mIoU (held-out images)")
     return _finish(fig, title)
+
+
+def _pca_rgb(x: np.ndarray) -> np.ndarray:
+    """(h, w, D) tokens -> (h, w, 3) in [0, 1]: the first three principal components of
+    the normalised tokens, each min-max scaled."""
+    h, w, d = x.shape
+    flat = x.reshape(-1, d).astype(np.float64)
+    flat = flat / np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+    flat = flat - flat.mean(axis=0)
+    u, s, _ = np.linalg.svd(flat, full_matrices=False)
+    pcs = u[:, :3] * s[:3]
+    pcs = np.pad(pcs, ((0, 0), (0, 3 - pcs.shape[1])))
+    lo, hi = pcs.min(axis=0), pcs.max(axis=0)
+    return ((pcs - lo) / np.where(hi > lo, hi - lo, 1.0)).reshape(h, w, 3)
+
+
+def methods_figure(tokens: Mapping[str, np.ndarray], image: np.ndarray | None = None, index: int = 0,
+                   cos_threshold: float = 0.9, title: str | None = None) -> Figure:
+    """How each method's patch tokens cluster on the same image, side by side.
+
+    One column per method (``tokens`` from :func:`gem_jax.analysis.method_tokens`,
+    (B, h, w, D) each): top, the first three principal components of the normalised
+    tokens as RGB (alike tokens, alike colours); bottom, the clusters at cosine
+    ``cos_threshold`` (connected components, as :func:`count_clusters`), titled with
+    their count. ``image`` (H, W, 3), if given, is shown first.
+    """
+    names = list(tokens)
+    cols = len(names) + (image is not None)
+    fig = Figure(figsize=(2.2 * cols, 4.8), layout="constrained")
+    axes = fig.subplots(2, cols, squeeze=False)
+    if image is not None:
+        axes[0, 0].imshow(image)
+        axes[0, 0].set_title("image", fontsize=9)
+        axes[1, 0].set_visible(False)
+    for c, name in enumerate(names, start=cols - len(names)):
+        x = np.asarray(tokens[name][index])
+        labels = cluster_labels_np(x.reshape(-1, x.shape[-1]), cos_threshold).reshape(x.shape[:2])
+        axes[0, c].imshow(_pca_rgb(x), interpolation="nearest")
+        axes[0, c].set_title(name, fontsize=9)
+        axes[1, c].imshow(labels % 20, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        axes[1, c].set_title(_clusters(labels.max() + 1), fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return _finish(fig, title or f"Patch tokens of every method: PCA as RGB (top), clusters at cosine "
+                                 f"{cos_threshold:g} (bottom)")

@@ -39,8 +39,9 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="gem",
                    help="gem: the paper's (short side 448, one template); sclip: short side 336, 224 crops "
                         "stride 112, 80 templates (default gem)")
-    p.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
-    p.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
+    argtypes.add_method_arguments(p)
+    p.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
+                   help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
     p.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
     p.add_argument("--temperature", type=argtypes.positive_float, default=None, help="the paper's tau; default adaptive")
     p.add_argument("--projections", type=_projections, default=("q", "k", "v"),
@@ -137,11 +138,13 @@ def _execute(args) -> int:
     try:  # option values, before the slow model load
         gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature,
                            projections=args.projections, normalize=not args.no_norm)
+        argtypes.check_method(args)
     except ValueError as e:
         raise _Usage(str(e)) from None
     model = _load_model(args.model)
     try:
-        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
+                           iterations=args.iterations,
                            temperature=args.temperature, projections=args.projections, normalize=not args.no_norm,
                            template=protocol.template, short_side=protocol.short_side, dtype=args.dtype)
     except ValueError as e:

@@ -157,15 +157,24 @@ def _cubic(x, a):
 
 
 @functools.lru_cache(maxsize=256)
-def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+def resize_matrix(in_size: int, out_size: int, method: str, scale_factor: float | None = None) -> np.ndarray:
     """The (out_size, in_size) matrix of PyTorch's 1-D ``interpolate`` (align_corners=False).
 
     ``method`` is ``"bicubic_aa"`` (antialiased bicubic, Keys a = -0.5, support widened
     when downsampling; what open_clip and GEM use for positional embeddings),
     ``"bicubic"`` (a = -0.75, edge-clamped; transformers' ``interpolate_pos_encoding``)
     or ``"bilinear"`` (half-pixel centres, no antialias).
+
+    ``scale_factor``, when given, places the samples as torch does for
+    ``interpolate(scale_factor=..., recompute_scale_factor=False)``: source
+    coordinate ``(i + 0.5) / scale_factor - 0.5`` instead of ``in_size / out_size``
+    (not for ``"bicubic_aa"``).
     """
     scale = in_size / out_size
+    if scale_factor is not None:
+        if method == "bicubic_aa":
+            raise ValueError("scale_factor is not supported with bicubic_aa")
+        scale = 1.0 / scale_factor
     m = np.zeros((out_size, in_size), np.float64)
     rows = np.arange(out_size)
     if method == "bicubic_aa":
@@ -197,30 +206,48 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def resize_2d(x, out_hw: tuple[int, int], method: str, axes=(-3, -2)):
-    """Resizes the two spatial ``axes`` of ``x`` with :func:`resize_matrix` (two matmuls)."""
+def resize_2d(x, out_hw: tuple[int, int], method: str, axes=(-3, -2),
+              scale_factors: tuple[float, float] | None = None):
+    """Resizes the two spatial ``axes`` of ``x`` with :func:`resize_matrix` (two matmuls);
+    ``scale_factors`` (per axis) as in :func:`resize_matrix`."""
     ah, aw = (a % x.ndim for a in axes)
     in_h, in_w = x.shape[ah], x.shape[aw]
     if (in_h, in_w) == tuple(out_hw):
         return x
-    my = jnp.asarray(resize_matrix(in_h, out_hw[0], method))
-    mx = jnp.asarray(resize_matrix(in_w, out_hw[1], method))
+    sy, sx = scale_factors or (None, None)
+    my = jnp.asarray(resize_matrix(in_h, out_hw[0], method, sy))
+    mx = jnp.asarray(resize_matrix(in_w, out_hw[1], method, sx))
     x = jnp.moveaxis(x, (ah, aw), (-2, -1))
     x = jnp.einsum("Hh,...hw,Ww->...HW", my, x.astype(jnp.float32), mx,
                    precision=jax.lax.Precision.HIGHEST)
     return jnp.moveaxis(x, (-2, -1), (ah, aw))
 
 
+#: How positional embeddings can be resampled (see :func:`resample_posemb`).
+POSEMB_METHODS = ("bicubic_aa", "bicubic", "bilinear", "bicubic_scale")
+
+
 def resample_posemb(posemb, old_grid: tuple[int, int], new_grid: tuple[int, int],
                     method: str = "bicubic_aa"):
     """Resamples the grid part of a (1 + h*w, C) positional embedding to a new grid.
 
+    ``method`` is one of :data:`POSEMB_METHODS`: a :func:`resize_matrix` method to
+    size (h, w), or ``"bicubic_scale"``: bicubic with torch's scale factor
+    ``((h + 0.1) / g_h, (w + 0.1) / g_w)`` used for the coordinates too
+    (``recompute_scale_factor=False``), as SCLIP, ClearCLIP and NACLIP resample.
     The class position (row 0) is kept as is. A pure array function, applied at call
     time, so parameters never depend on the input resolution.
     """
+    if method not in POSEMB_METHODS:
+        raise ValueError(f"unknown positional embedding resampling {method!r}; one of {POSEMB_METHODS}")
     if tuple(old_grid) == tuple(new_grid):
         return posemb
     cls, grid = posemb[:1], posemb[1:]
     grid = grid.reshape(*old_grid, -1)
-    grid = resize_2d(grid, new_grid, method, axes=(0, 1)).astype(posemb.dtype)
+    if method == "bicubic_scale":
+        factors = tuple((n + 0.1) / g for n, g in zip(new_grid, old_grid))
+        grid = resize_2d(grid, new_grid, "bicubic", axes=(0, 1), scale_factors=factors)
+    else:
+        grid = resize_2d(grid, new_grid, method, axes=(0, 1))
+    grid = grid.astype(posemb.dtype)
     return jnp.concatenate([cls, grid.reshape(-1, grid.shape[-1])], axis=0)

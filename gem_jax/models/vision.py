@@ -60,8 +60,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}")
         return h // p, w // p
 
-    def embed(self, pixels):
-        """(B, H, W, 3) normalised pixels -> (B, 1 + h*w, C) tokens after ``ln_pre``."""
+    def embed(self, pixels, posemb_method: str | None = None):
+        """(B, H, W, 3) normalised pixels -> (B, 1 + h*w, C) tokens after ``ln_pre``;
+        ``posemb_method`` overrides the module's resampling of the positional embedding."""
         grid = self.grid_shape(pixels)
         x = self.conv1(pixels.astype(self.dtype))
         b = x.shape[0]
@@ -69,7 +70,7 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         g = self.config.grid
-        pos = resample_posemb(self.positional_embedding, (g, g), grid, self.posemb_method)
+        pos = resample_posemb(self.positional_embedding, (g, g), grid, posemb_method or self.posemb_method)
         x = x + pos.astype(x.dtype)
         return self.ln_pre(x).astype(self.dtype)
 
