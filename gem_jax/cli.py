@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
                      help="the paper's tau; default: adaptive")
     seg.add_argument("--template", default="a photo of a {}.",
-                     help="prompt template with {} ('imagenet' for the 80-template ensemble)")
+                     help="prompt template with {} ('imagenet' for the 80-template ensemble, 'imagenet85' for "
+                          "those and 5 scene templates)")
     size = seg.add_mutually_exclusive_group()
     size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
     size.add_argument("--short-side", type=argtypes.positive_int, default=None,

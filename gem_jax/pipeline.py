@@ -28,11 +28,31 @@ LOGIT_SCALE = 100.0
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _data_lines(name: str) -> tuple[str, ...]:
+    text = importlib.resources.files("gem_jax").joinpath("data", name).read_text("utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
 @functools.lru_cache(maxsize=1)
 def imagenet_templates() -> tuple[str, ...]:
     """The 80 ImageNet prompt templates of CLIP's zero-shot evaluation."""
-    text = importlib.resources.files("gem_jax").joinpath("data", "imagenet_templates.txt").read_text("utf-8")
-    return tuple(line for line in text.splitlines() if line)
+    return _data_lines("imagenet_templates.txt")
+
+
+#: Named template sets: ``"imagenet"`` the 80 ImageNet templates (SCLIP, ClearCLIP, NACLIP),
+#: ``"imagenet85"`` those plus the 5 scene templates of MaskCLIP and CLIP Surgery
+#: ("there is a {} in the scene." and its kin).
+TEMPLATE_SETS = ("imagenet", "imagenet85")
+
+
+@functools.lru_cache(maxsize=None)
+def template_set(name: str) -> tuple[str, ...]:
+    """The templates of a named set (:data:`TEMPLATE_SETS`)."""
+    if name == "imagenet":
+        return imagenet_templates()
+    if name == "imagenet85":
+        return imagenet_templates() + _data_lines("scene_templates.txt")
+    raise ValueError(f"unknown template set {name!r}; choose one of {', '.join(TEMPLATE_SETS)}")
 
 
 def example_image_path() -> pathlib.Path:
@@ -150,7 +170,7 @@ class GEM:
         evaluation).
       template: prompt template with ``{}``; a sequence of templates is an
         ensemble (normalised embeddings averaged and renormalised); ``"imagenet"``
-        is the 80 ImageNet templates.
+        is the 80 ImageNet templates, ``"imagenet85"`` those and 5 scene templates.
       batch_size: most images per forward pass.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (LayerNorm, softmax and
         normalisation stay float32).
@@ -210,7 +230,7 @@ class GEM:
     @staticmethod
     def _templates(template) -> tuple[str, ...]:
         if isinstance(template, str):
-            templates = imagenet_templates() if template == "imagenet" else (template,)
+            templates = template_set(template) if template in TEMPLATE_SETS else (template,)
         else:
             templates = tuple(template)
         if not templates:

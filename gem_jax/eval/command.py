@@ -34,8 +34,9 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                  "(default ViT-B/16:openai)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="gem",
-                   help="gem: the paper's (short side 448, one template); sclip: short side 336, 224 crops "
-                        "stride 112, 80 templates (default gem)")
+                   help="gem: the paper's (short side 448, one template); sclip, clearclip, naclip, maskclip: "
+                        "each official pipeline's per-dataset settings (sizes, windows, templates, class names, "
+                        "logit scale, thresholds, PAMR); see docs/REPRODUCING.md (default gem)")
     p.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
     p.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
     p.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
@@ -94,7 +95,10 @@ def _execute(args) -> int:
     state = pathlib.Path(args.state) if args.state else (out.with_name(out.name + ".state.npz") if out else None)
     if args.restart and state is not None:
         state.unlink(missing_ok=True)
-    protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+    try:
+        protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
 
     from gem_jax import pipeline
     from gem_jax.eval.runner import EvaluationError, evaluate, write_json
