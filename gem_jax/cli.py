@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
                      help="with --classes: pixels whose top class probability is below this are background "
                           "(default 0.85)")
+    seg.add_argument("--logit-scale", type=argtypes.positive_float, default=100.0,
+                     help="with --classes: softmax of this times the cosine (default 100, CLIP's)")
+    seg.add_argument("--area-threshold", type=argtypes.probability, default=None,
+                     help="with --classes: drop classes on at most this fraction of the image (SCLIP's; off)")
+    seg.add_argument("--pamr", type=argtypes.nonneg_int, default=0, metavar="N",
+                     help="with --classes: PAMR iterations on the logits, dilations 8 and 16 (NACLIP: 10; off)")
     seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                    "(default ViT-B/16:openai)")
     seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
@@ -229,7 +235,8 @@ def cmd_segment(args) -> int:
             fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha)
             visualize.save_png(fig, grid, overwrite=args.force)
         if classes:
-            labels = gem.segment(image, classes, args.background_threshold)
+            labels = gem.segment(image, classes, args.background_threshold, logit_scale=args.logit_scale,
+                                 area_threshold=args.area_threshold, pamr_iterations=args.pamr)
             labels = _to_original_size(labels, image.shape[:2], nearest=True)
             fig = visualize.label_figure(image, labels, classes)
             visualize.save_png(fig, labels_path, overwrite=args.force)

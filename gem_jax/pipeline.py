@@ -318,13 +318,19 @@ class GEM:
         return HeatmapOutput(logits, heat, sets, sizes)
 
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
-                *, size=None, short_side=None) -> np.ndarray:
+                *, size=None, short_side=None, logit_scale: float = LOGIT_SCALE,
+                area_threshold: float | None = None, pamr_iterations: int = 0,
+                pamr_dilations: Sequence[int] = (8, 16)) -> np.ndarray:
         """A label map (H, W) at the model input size: 0 is background, ``k + 1`` is
         ``class_names[k]``.
 
-        The class probabilities are the softmax over classes of ``100 * cosine``; a
-        pixel whose top probability is below ``background_threshold`` is background
-        (``None``: every pixel gets a class).
+        The class probabilities are the softmax over classes of ``logit_scale * cosine``;
+        a pixel whose top probability is below ``background_threshold`` is background
+        (``None``: every pixel gets a class). Options of the official pipelines of
+        GEM's siblings, off by default: ``pamr_iterations`` > 0 refines the logits with
+        PAMR guided by the input image (:func:`gem_jax.postprocess.pamr`; NACLIP: 10
+        iterations, dilations 8 and 16); ``area_threshold`` drops classes that win at most
+        that fraction of the pixels (SCLIP's area threshold).
         """
         if isinstance(class_names, str):
             class_names = [class_names]
@@ -334,15 +340,35 @@ class GEM:
         if len(images) != 1:
             raise ValueError(f"segment takes one image, got {len(images)}")
         out = self.heatmaps(images, [list(class_names)], size=size, short_side=short_side)
-        return labels_from_logits(np.asarray(out.logits[0]), background_threshold)
+        logits = np.asarray(out.logits[0])
+        if pamr_iterations:
+            from gem_jax import postprocess
+
+            guide = preprocess.normalize(preprocess.resize(images[0], out.sizes[0])).transpose(2, 0, 1)
+            logits = np.asarray(postprocess.pamr(guide, logits, iterations=pamr_iterations,
+                                                 dilations=pamr_dilations))
+        return labels_from_logits(logits, background_threshold, logit_scale=logit_scale,
+                                  area_threshold=area_threshold)
 
 
-def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85) -> np.ndarray:
-    """(P, H, W) cosine logits -> (H, W) int32 labels, 0 background, ``k + 1`` class k."""
-    scaled = LOGIT_SCALE * logits.astype(np.float64)
+def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85, *,
+                       logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None) -> np.ndarray:
+    """(P, H, W) cosine logits -> (H, W) int32 labels, 0 background, ``k + 1`` class k.
+
+    Probabilities are the softmax over prompts of ``logit_scale * logits``; with
+    ``area_threshold`` a class that wins at most that fraction of the pixels gets
+    probability 0 before the argmax and the background threshold."""
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be positive, got {logit_scale!r}")
+    if area_threshold is not None and not 0.0 <= area_threshold <= 1.0:
+        raise ValueError(f"area_threshold must be in [0, 1], got {area_threshold!r}")
+    scaled = logit_scale * logits.astype(np.float64)
     scaled -= scaled.max(axis=0, keepdims=True)
     probs = np.exp(scaled)
     probs /= probs.sum(axis=0, keepdims=True)
+    if area_threshold is not None:
+        area = np.bincount(probs.argmax(axis=0).reshape(-1), minlength=len(probs))
+        probs = probs * (area > area_threshold * area.sum())[:, None, None]
     labels = probs.argmax(axis=0).astype(np.int32) + 1
     if background_threshold is not None:
         labels[probs.max(axis=0) < background_threshold] = 0

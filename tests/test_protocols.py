@@ -319,3 +319,60 @@ def test_eval_command_refuses_a_dataset_without_settings(cli_env, capsys):
     assert command.run(parse(argv)) == 2
     err = capsys.readouterr().err.strip()
     assert "maskclip protocol has settings for" in err and "\n" not in err
+
+
+def test_eval_command_overrides_the_protocol(cli_env, capsys):
+    out = cli_env / "o.json"
+    argv = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--protocol", "sclip", "--method", "gem",
+            "--gem-layers", "2", "--no-progress", "--out", str(out), "--template", "a photo of a {}.",
+            "--class-names", "dataset", "--logit-scale", "12.5", "--area-threshold", "none", "--pamr", "2",
+            "--pamr-dilations", "1,3", "--border", "pad_corner", "--background-threshold", "0.3"]
+    assert command.run(parse(argv)) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    s = result["protocol_settings"]
+    assert (s["template"], s["class_names"], s["logit_scale"], s["area_threshold"], s["pamr_iterations"],
+            s["pamr_dilations"], s["border"], s["background_threshold"]) == (
+        "a photo of a {}.", None, 12.5, None, 2, [1, 3], "pad_corner", 0.3)
+    assert result["num_templates"] == 1 and s["crop"] == 224  # the rest is SCLIP's
+    assert result["prompts"]["person"][:2] == ["person", "person in shirt"]  # the dataset's own names
+    base = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--no-progress"]
+    assert command.run(parse(base + ["--class-names", "mine"])) == 2
+    assert "unknown class-name set" in capsys.readouterr().err
+    for bad in (["--pamr-dilations", "0"], ["--area-threshold", "1.5"], ["--border", "mirror"], ["--pamr", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            parse(base + bad)
+        assert e.value.code == 2
+
+
+def test_segment_options(gem):
+    from gem_jax import pipeline
+    from test_postprocess import torch_pamr
+    import torch
+
+    # The logit scale decides the background threshold: cosines .05 / .04 give p = .73 at
+    # scale 100 but .52 at 10.
+    x = np.zeros((2, 1, 1), np.float32)
+    x[:, 0, 0] = [0.05, 0.04]
+    assert pipeline.labels_from_logits(x, 0.6).tolist() == [[1]]
+    assert pipeline.labels_from_logits(x, 0.6, logit_scale=10.0).tolist() == [[0]]
+    # The area threshold: class 2 wins 1 of 5 pixels (20%), dropped at 0.25, kept at 0.15.
+    x = np.zeros((2, 1, 5), np.float32)
+    x[0, 0, :4] = 0.1
+    x[1, 0, 4] = 0.1
+    assert pipeline.labels_from_logits(x, None, area_threshold=0.25).tolist() == [[1, 1, 1, 1, 1]]
+    assert pipeline.labels_from_logits(x, None, area_threshold=0.15).tolist() == [[1, 1, 1, 1, 2]]
+    # PAMR in segment: the official code's steps on the logits, guided by the model's input.
+    img = np.random.default_rng(5).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    classes = ["cat", "dog", "tree"]
+    out = gem.heatmaps(img, classes, size=(32, 40))
+    guide = preprocess.normalize(preprocess.resize(img, (32, 40))).transpose(2, 0, 1)
+    refined = torch_pamr(torch.from_numpy(guide[None]), torch.from_numpy(np.asarray(out.logits)), 10,
+                         [8, 16])[0].numpy()
+    want = pipeline.labels_from_logits(refined, None)
+    got = gem.segment(img, classes, None, size=(32, 40), pamr_iterations=10)
+    probs = _softmax(100.0 * refined.astype(np.float64))
+    top2 = np.sort(probs, axis=0)[-2:]
+    sure = top2[1] - top2[0] > 1e-4
+    assert sure.mean() > 0.9
+    np.testing.assert_array_equal(got[sure], want[sure])
+    assert (gem.segment(img, classes, None, size=(32, 40)) != got).any()  # PAMR changed something

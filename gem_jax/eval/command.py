@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -10,9 +11,51 @@ import traceback
 
 from gem_jax import argtypes
 from gem_jax.eval.datasets import READERS
-from gem_jax.eval.protocols import PROTOCOLS
+from gem_jax.class_names import NAME_SETS
+from gem_jax.eval.protocols import BORDERS, PROTOCOLS
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+_UNSET = object()
+
+
+def _optional_probability(text: str):
+    if text.strip().lower() == "none":
+        return None
+    return argtypes.probability(text)
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas (e.g. 8,16), got {text!r}")
+    return values
+
+
+def protocol_overrides(args) -> dict:
+    """The protocol fields the post-processing flags of ``gem-jax eval`` set."""
+    out = {}
+    if getattr(args, "template", None) is not None:
+        out["template"] = args.template
+    if getattr(args, "class_names", None) is not None:
+        out["class_names"] = None if args.class_names == "dataset" else args.class_names
+        if out["class_names"] is not None:
+            out.update(synonyms=True, background_prompts=True)
+    if getattr(args, "logit_scale", None) is not None:
+        out["logit_scale"] = args.logit_scale
+    for name in ("background_threshold", "area_threshold"):
+        value = getattr(args, name, _UNSET)
+        if value is not _UNSET:
+            out[name] = value
+    if getattr(args, "pamr", None) is not None:
+        out["pamr_iterations"] = args.pamr
+    if getattr(args, "pamr_dilations", None) is not None:
+        out["pamr_dilations"] = args.pamr_dilations
+    if getattr(args, "border", None) is not None:
+        out["border"] = args.border
+    return out
 
 
 def _projections(text: str) -> tuple[str, ...]:
@@ -37,6 +80,24 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    help="gem: the paper's (short side 448, one template); sclip, clearclip, naclip, maskclip: "
                         "each official pipeline's per-dataset settings (sizes, windows, templates, class names, "
                         "logit scale, thresholds, PAMR); see docs/REPRODUCING.md (default gem)")
+    over = p.add_argument_group("post-processing (override the protocol's setting for this run)")
+    over.add_argument("--template", default=None,
+                      help="prompt template with {}, or 'imagenet' (80 templates) or 'imagenet85' (85)")
+    over.add_argument("--class-names", default=None, metavar="SET",
+                      help=f"class-name set ({', '.join(NAME_SETS)}), or 'dataset' for the dataset's own names")
+    over.add_argument("--logit-scale", type=argtypes.positive_float, default=None,
+                      help="multiplies the cosine logits before the softmax over prompts")
+    over.add_argument("--background-threshold", type=_optional_probability, default=_UNSET, metavar="P",
+                      help="background where the top class probability is below P ('none': off)")
+    over.add_argument("--area-threshold", type=_optional_probability, default=_UNSET, metavar="F",
+                      help="SCLIP's area threshold: drop classes on at most this fraction of the "
+                           "non-background pixels ('none': off)")
+    over.add_argument("--pamr", type=argtypes.nonneg_int, default=None, metavar="N",
+                      help="PAMR iterations on the logits (0: off; NACLIP uses 10)")
+    over.add_argument("--pamr-dilations", type=_dilations, default=None, metavar="D,D",
+                      help="PAMR neighbour distances in pixels (default 8,16)")
+    over.add_argument("--border", choices=BORDERS, default=None,
+                      help="how a window that is not a patch multiple is fed to the model")
     p.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
     p.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
     p.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
@@ -97,6 +158,12 @@ def _execute(args) -> int:
         state.unlink(missing_ok=True)
     try:
         protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+        overrides = protocol_overrides(args)
+        if overrides.get("class_names") not in (None, *NAME_SETS):
+            raise ValueError(f"unknown class-name set {overrides['class_names']!r}; choose one of "
+                             f"{', '.join(NAME_SETS)} or 'dataset'")
+        if overrides:
+            protocol = dataclasses.replace(protocol, **overrides)
     except ValueError as e:
         raise _Usage(str(e)) from None
 
