@@ -203,6 +203,20 @@ def test_rescaled_sizes_of_the_mmseg_resize():
 
 # ---------------------------------------------------------------------------- window borders
 
+def patch_grid(logits, patch=8):
+    """The patch-grid logits whose bilinear upsampling the model returned, by least squares
+    (checked: upsampling them again gives the model's logits back)."""
+    def up(n):  # (n * patch, n): column i is unit vector i upsampled
+        return np_bilinear(np.eye(n)[:, None, :], (1, n * patch))[:, 0, :].T
+
+    gh, gw = logits.shape[-2] // patch, logits.shape[-1] // patch
+    rows, cols = up(gh), up(gw)  # (h, gh), (w, gw)
+    grid = np.einsum("gh,phw,kw->pgk", np.linalg.lstsq(rows, np.eye(len(rows)), rcond=None)[0], logits,
+                     np.linalg.lstsq(cols, np.eye(len(cols)), rcond=None)[0])
+    np.testing.assert_allclose(np_bilinear(grid, logits.shape[-2:]), logits, atol=1e-5)
+    return grid
+
+
 def test_window_borders(gem):
     img = np.random.default_rng(3).integers(0, 256, (40, 45, 3), dtype=np.uint8)
     prompts = ["cat", "dog"]
@@ -210,17 +224,21 @@ def test_window_borders(gem):
     # One window over the whole image (crop=None), sides 40 x 45 with 8-pixel patches.
     whole = lambda border: sliding_logits(gem, img, prompts, crop=None, stride=None, short_side=40,
                                           border=border)
-    # SCLIP / NACLIP: the patch conv sees 40 x 40; logits stretched over 40 x 45.
-    np.testing.assert_allclose(whole("truncate"), np_bilinear(heat(img[:, :40], (40, 40)), (40, 45)), atol=1e-5)
+    # SCLIP / NACLIP: the patch conv sees 40 x 40 (a 5 x 5 grid), whose logits are stretched
+    # over 40 x 45 in one bilinear step.
+    seen = heat(img[:, :40], (40, 40))
+    np.testing.assert_allclose(whole("truncate"), np_bilinear(patch_grid(seen), (40, 45)), atol=1e-5)
+    assert np.abs(whole("truncate") - np_bilinear(seen, (40, 45))).max() > 1e-4  # not two bilinear steps
     # ClearCLIP: padded to 40 x 48, 1 column left and 2 right, logits cut back.
     padded = np.empty((40, 48, 3), np.uint8)
     padded[:] = PAD_RGB
     padded[:, 1:46] = img
     np.testing.assert_allclose(whole("pad_center"), heat(padded, (40, 48))[:, :, 1:46], atol=1e-5)
-    # MaskCLIP: padded at the right, logits of the padded input stretched over 40 x 45.
+    # MaskCLIP: padded at the right, the 5 x 6 grid's logits stretched over 40 x 45.
     padded[:] = PAD_RGB
     padded[:, :45] = img
-    np.testing.assert_allclose(whole("pad_corner"), np_bilinear(heat(padded, (40, 48)), (40, 45)), atol=1e-5)
+    np.testing.assert_allclose(whole("pad_corner"), np_bilinear(patch_grid(heat(padded, (40, 48))), (40, 45)),
+                               atol=1e-5)
     assert PAD_RGB == (123, 117, 104)  # CLIP's mean colour: zero after normalisation (to rounding)
     # The borders differ from one another and from gem-jax's resize.
     outs = [whole(b) for b in ("resize", "truncate", "pad_center", "pad_corner")]
@@ -292,9 +310,9 @@ def test_eval_command_naclip_equals_the_official_steps(cli_env, gem, model, caps
     image = preprocess.load_image(sample.image)  # 30 x 38
     names, classes = C.class_names("sclip", "voc").queries()
     ref = GEM(model, layers=2, template="imagenet")
-    hw = rescaled_size(30, 38, 336, 2048)  # (336, 426): 42 x 53 patches seen
+    hw = rescaled_size(30, 38, 336, 2048)  # (336, 426): 42 x 53 patches seen, stretched over it
     resized = preprocess.resize(image, hw)
-    logits = np_bilinear(ref.heatmaps(resized[:336, :424], list(names), size=(336, 424)).logits[0], hw)
+    logits = np_bilinear(patch_grid(ref.heatmaps(resized[:336, :424], list(names), size=(336, 424)).logits[0]), hw)
     logits = np_bilinear(logits, (30, 38))
     guide = np_bilinear(preprocess.normalize(resized).transpose(2, 0, 1), (30, 38))
     refined = torch_pamr(torch.from_numpy(guide[None]).float(), torch.from_numpy(logits[None]).float(), 10,
