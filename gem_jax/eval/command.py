@@ -167,6 +167,10 @@ def _execute(args) -> int:
     except ValueError as e:
         raise _Usage(str(e)) from None
 
+    if protocol.method is not None and protocol.method != args.method:
+        print(f"gem-jax eval: note: the {protocol.name} protocol comes from the {protocol.method} paper; "
+              f"evaluating --method {args.method}", file=sys.stderr)
+
     from gem_jax import pipeline
     from gem_jax.eval.runner import EvaluationError, evaluate, write_json
 
