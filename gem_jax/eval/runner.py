@@ -106,7 +106,7 @@ def _semantic_step(conf, logits, rows, cols, hw, label, query_class, guide=None,
         # As NACLIP: PAMR on the logits at the annotation size, guided by the input image
         # bilinearly resized to that size.
         image = jnp.einsum("Hh,khw,Ww->kHW", rows, guide, cols, precision=jax.lax.Precision.HIGHEST)
-        x = postprocess._pamr(image, x, hw, iterations=pamr_iterations, dilations=pamr_dilations)
+        x = postprocess.pamr(image, x, iterations=pamr_iterations, dilations=pamr_dilations, valid_hw=hw)
     probs = jax.nn.softmax(logit_scale * x, axis=0)
     # Synonyms vote for their class by max; classes without prompts (background decided
     # by threshold) get probability 0.
