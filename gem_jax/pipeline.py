@@ -326,20 +326,27 @@ class GEM:
 
         The class probabilities are the softmax over classes of ``logit_scale * cosine``;
         a pixel whose top probability is below ``background_threshold`` is background
-        (``None``: every pixel gets a class). Options of the official pipelines of
-        GEM's siblings, off by default: ``pamr_iterations`` > 0 refines the logits with
-        PAMR guided by the input image (:func:`gem_jax.postprocess.pamr`; NACLIP: 10
-        iterations, dilations 8 and 16); ``area_threshold`` drops classes that win at most
-        that fraction of the pixels (SCLIP's area threshold).
+        (``None``: every pixel gets a class). A class may be a list of synonyms
+        (``[["person", "man"], "dog"]``): each is prompted and the class probability is the
+        max over them after the softmax over all prompts. Options of the official
+        pipelines of GEM's siblings, off by default: ``pamr_iterations`` > 0 refines the
+        logits with PAMR guided by the input image (:func:`gem_jax.postprocess.pamr`;
+        NACLIP: 10 iterations, dilations 8 and 16); ``area_threshold`` drops classes that
+        win at most that fraction of the pixels (SCLIP's area threshold).
         """
         if isinstance(class_names, str):
             class_names = [class_names]
+        groups = [[c] if isinstance(c, str) else list(c) for c in class_names]
+        if not groups or not all(groups):
+            raise ValueError("every class needs at least one name")
+        prompts = [n for g in groups for n in g]
+        query_class = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")
         images = preprocess.as_image_list(image)
         if len(images) != 1:
             raise ValueError(f"segment takes one image, got {len(images)}")
-        out = self.heatmaps(images, [list(class_names)], size=size, short_side=short_side)
+        out = self.heatmaps(images, [prompts], size=size, short_side=short_side)
         logits = np.asarray(out.logits[0])
         if pamr_iterations:
             from gem_jax import postprocess
@@ -348,16 +355,19 @@ class GEM:
             logits = np.asarray(postprocess.pamr(guide, logits, iterations=pamr_iterations,
                                                  dilations=pamr_dilations))
         return labels_from_logits(logits, background_threshold, logit_scale=logit_scale,
-                                  area_threshold=area_threshold)
+                                  area_threshold=area_threshold,
+                                  query_class=query_class if len(groups) < len(prompts) else None)
 
 
 def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85, *,
-                       logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None) -> np.ndarray:
+                       logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None,
+                       query_class: np.ndarray | None = None) -> np.ndarray:
     """(P, H, W) cosine logits -> (H, W) int32 labels, 0 background, ``k + 1`` class k.
 
     Probabilities are the softmax over prompts of ``logit_scale * logits``; with
-    ``area_threshold`` a class that wins at most that fraction of the pixels gets
-    probability 0 before the argmax and the background threshold."""
+    ``query_class`` (the class of each prompt) a class's probability is the max over its
+    prompts; with ``area_threshold`` a class that wins at most that fraction of the pixels
+    gets probability 0 before the argmax and the background threshold."""
     if not logit_scale > 0:
         raise ValueError(f"logit_scale must be positive, got {logit_scale!r}")
     if area_threshold is not None and not 0.0 <= area_threshold <= 1.0:
@@ -366,6 +376,9 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     scaled -= scaled.max(axis=0, keepdims=True)
     probs = np.exp(scaled)
     probs /= probs.sum(axis=0, keepdims=True)
+    if query_class is not None:
+        query_class = np.asarray(query_class)
+        probs = np.stack([probs[query_class == c].max(axis=0) for c in range(int(query_class.max()) + 1)])
     if area_threshold is not None:
         area = np.bincount(probs.argmax(axis=0).reshape(-1), minlength=len(probs))
         probs = probs * (area > area_threshold * area.sum())[:, None, None]

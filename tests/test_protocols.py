@@ -394,3 +394,25 @@ def test_segment_options(gem):
     assert sure.mean() > 0.9
     np.testing.assert_array_equal(got[sure], want[sure])
     assert (gem.segment(img, classes, None, size=(32, 40)) != got).any()  # PAMR changed something
+
+
+def test_segment_with_synonyms(gem):
+    from gem_jax import pipeline
+
+    # Hand case: prompts 0 and 1 are synonyms of class 1, prompt 2 is class 2.
+    x = np.zeros((3, 1, 2), np.float32)
+    x[:, 0, 0] = [0.04, 0.04, 0.045]  # p = (.27, .27, .45): class 1 by max .27 < .45 -> class 2
+    x[:, 0, 1] = [0.05, 0.0, 0.04]   # p = (.53, .04, .43): class 1
+    got = pipeline.labels_from_logits(x, None, query_class=np.array([0, 0, 1]))
+    assert got.tolist() == [[2, 1]]
+    # The softmax runs over every prompt, before the max: not the same as summing synonyms.
+    p = _softmax(100.0 * x[:, 0, 0].astype(np.float64))
+    assert p[:2].sum() > p[2] > p[:2].max()
+    img = np.random.default_rng(6).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    logits = np.asarray(gem.heatmaps(img, ["cat", "kitty", "dog"], size=(32, 40)).logits[0])
+    want = pipeline.labels_from_logits(logits, 0.5, query_class=np.array([0, 0, 1]))
+    got = gem.segment(img, [["cat", "kitty"], "dog"], 0.5, size=(32, 40))
+    np.testing.assert_array_equal(got, want)
+    assert set(np.unique(got)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="at least one name"):
+        gem.segment(img, [[], "dog"])
