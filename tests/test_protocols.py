@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from gem_jax import class_names as C
-from gem_jax import preprocess
-from gem_jax.eval import command
+from gem_jax import preprocess, sliding
+from gem_jax.eval import command, protocols
 from gem_jax.eval import datasets as D
 from gem_jax.eval.protocols import PROTOCOLS, get_protocol
 from gem_jax.pipeline import GEM, TEMPLATE_SETS, imagenet_templates, template_set
@@ -240,6 +240,7 @@ def test_window_borders(gem):
     np.testing.assert_allclose(whole("pad_corner"), np_bilinear(patch_grid(heat(padded, (40, 48))), (40, 45)),
                                atol=1e-5)
     assert PAD_RGB == (123, 117, 104)  # CLIP's mean colour: zero after normalisation (to rounding)
+    assert sliding.BORDERS == protocols.BORDERS
     # The borders differ from one another and from gem-jax's resize.
     outs = [whole(b) for b in ("resize", "truncate", "pad_center", "pad_corner")]
     assert all(np.abs(a - b).max() > 1e-4 for i, a in enumerate(outs) for b in outs[i + 1:])

@@ -1,4 +1,5 @@
-"""Evaluation protocols as data: GEM's own and the sliding-window protocol of later training-free papers."""
+"""Evaluation protocols as data: GEM's own, and those of the official code of SCLIP, ClearCLIP, NACLIP and
+MaskCLIP (per-dataset sizes, windows, templates, class names, logit scale, thresholds, PAMR)."""
 
 from __future__ import annotations
 
