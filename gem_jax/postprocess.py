@@ -82,7 +82,8 @@ def pamr(image, mask, *, iterations: int = PAMR_ITERATIONS, dilations: Sequence[
     """
     image, mask = jnp.asarray(image), jnp.asarray(mask)
     if image.ndim < 3 or mask.ndim < 3:
-        raise ValueError(f"image and mask must be (..., K, H, W) and (..., C, H, W), got {image.shape} and {mask.shape}")
+        raise ValueError(f"image and mask must be (..., K, H, W) and (..., C, H, W), got {image.shape} and "
+                         f"{mask.shape}")
     if image.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"image {image.shape[-2:]} and mask {mask.shape[-2:]} must share (H, W)")
     if not isinstance(iterations, int) or iterations < 0:
