@@ -49,17 +49,19 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-METHOD_HELP = ("gem (default), clip (plain patch tokens), maskclip, clipsurgery, sclip, clearclip, naclip: "
+METHOD_HELP = ("gem, clip (plain patch tokens), maskclip, clipsurgery, sclip, clearclip, naclip: "
                "what each changes is in the README's methods table")
 
 
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+def add_method_arguments(parser: argparse.ArgumentParser, default: str | None = "gem") -> None:
     """``--method`` (choices: the one list of methods) and the method options, for every
     command that chooses a method. ``--gem-layers``, ``--iterations`` and
-    ``--temperature`` are added by the commands themselves."""
+    ``--temperature`` are added by the commands themselves. ``default=None`` leaves the
+    choice to the command (``eval``: the protocol's method)."""
     from gem_jax.config import METHODS
 
-    parser.add_argument("--method", choices=METHODS, default="gem", help=METHOD_HELP)
+    parser.add_argument("--method", choices=METHODS, default=default,
+                        help=METHOD_HELP + (f" (default {default})" if default else " (default: the protocol's method)"))
     parser.add_argument("--sigma", type=positive_float, default=None,
                         help="naclip: width of the Gaussian neighbourhood, in patches (default 5)")
     parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
                      help="with --classes: pixels whose top class probability is below this are background "
                           "(default 0.85)")
+    seg.add_argument("--logit-scale", type=argtypes.positive_float, default=100.0,
+                     help="with --classes: softmax of this times the cosine (default 100, CLIP's)")
+    seg.add_argument("--area-threshold", type=argtypes.probability, default=None,
+                     help="with --classes: drop classes on at most this fraction of the image (SCLIP's; off)")
+    seg.add_argument("--pamr", type=argtypes.nonneg_int, default=0, metavar="N",
+                     help="with --classes: PAMR iterations on the logits, dilations 8 and 16 (NACLIP: 10; off)")
     seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                    "(default ViT-B/16:openai)")
     argtypes.add_method_arguments(seg)
@@ -62,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
                      help="the paper's tau; default: adaptive")
     seg.add_argument("--template", default="a photo of a {}.",
-                     help="prompt template with {} ('imagenet' for the 80-template ensemble)")
+                     help="prompt template with {} ('imagenet' for the 80-template ensemble, 'imagenet85' for "
+                          "those and 5 scene templates)")
     size = seg.add_mutually_exclusive_group()
     size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
     size.add_argument("--short-side", type=argtypes.positive_int, default=None,
@@ -382,7 +389,9 @@ def _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, 
             written += 1
         if classes:
             class_logits = np.asarray(out.logits[0])[[column[c] for c in classes]]
-            labels = pipeline.labels_from_logits(class_logits, args.background_threshold)
+            labels = pipeline.label_map(image, class_logits, args.background_threshold,
+                                        logit_scale=args.logit_scale, area_threshold=args.area_threshold,
+                                        pamr_iterations=args.pamr)
             labels = _to_original_size(labels, image.shape[:2], nearest=True)
             fig = visualize.label_figure(image, labels, classes, title=note)
             visualize.save_png(fig, labels_path, overwrite=args.force)

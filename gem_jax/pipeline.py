@@ -91,11 +91,31 @@ def available_memory(device=None) -> int | None:
     return None
 
 
+def _data_lines(name: str) -> tuple[str, ...]:
+    text = importlib.resources.files("gem_jax").joinpath("data", name).read_text("utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
 @functools.lru_cache(maxsize=1)
 def imagenet_templates() -> tuple[str, ...]:
     """The 80 ImageNet prompt templates of CLIP's zero-shot evaluation."""
-    text = importlib.resources.files("gem_jax").joinpath("data", "imagenet_templates.txt").read_text("utf-8")
-    return tuple(line for line in text.splitlines() if line)
+    return _data_lines("imagenet_templates.txt")
+
+
+#: Named template sets: ``"imagenet"`` the 80 ImageNet templates (SCLIP, ClearCLIP, NACLIP),
+#: ``"imagenet85"`` those plus the 5 scene templates of MaskCLIP and CLIP Surgery
+#: ("there is a {} in the scene." and its kin).
+TEMPLATE_SETS = ("imagenet", "imagenet85")
+
+
+@functools.lru_cache(maxsize=None)
+def template_set(name: str) -> tuple[str, ...]:
+    """The templates of a named set (:data:`TEMPLATE_SETS`)."""
+    if name == "imagenet":
+        return imagenet_templates()
+    if name == "imagenet85":
+        return imagenet_templates() + _data_lines("scene_templates.txt")
+    raise ValueError(f"unknown template set {name!r}; choose one of {', '.join(TEMPLATE_SETS)}")
 
 
 def example_image_path() -> pathlib.Path:
@@ -245,7 +265,7 @@ class GEM:
         evaluation).
       template: prompt template with ``{}``; a sequence of templates is an
         ensemble (normalised embeddings averaged and renormalised); ``"imagenet"``
-        is the 80 ImageNet templates.
+        is the 80 ImageNet templates, ``"imagenet85"`` those and 5 scene templates.
       batch_size: most images per forward pass.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (LayerNorm, softmax and
         normalisation stay float32).
@@ -329,7 +349,7 @@ class GEM:
     @staticmethod
     def _templates(template) -> tuple[str, ...]:
         if isinstance(template, str):
-            templates = imagenet_templates() if template == "imagenet" else (template,)
+            templates = template_set(template) if template in TEMPLATE_SETS else (template,)
         else:
             templates = tuple(template)
         if not templates:
@@ -469,28 +489,58 @@ class GEM:
         return HeatmapOutput(logits, heat, sets, sizes)
 
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
-                *, size=None, short_side=None) -> np.ndarray:
+                *, size=None, short_side=None, logit_scale: float = LOGIT_SCALE,
+                area_threshold: float | None = None, pamr_iterations: int = 0,
+                pamr_dilations: Sequence[int] = (8, 16)) -> np.ndarray:
         """A label map (H, W) at the model input size: 0 is background, ``k + 1`` is
         ``class_names[k]``.
 
-        The class probabilities are the softmax over classes of ``100 * cosine``; a
-        pixel whose top probability is below ``background_threshold`` is background
-        (``None``: every pixel gets a class).
+        The class probabilities are the softmax over classes of ``logit_scale * cosine``;
+        a pixel whose top probability is below ``background_threshold`` is background
+        (``None``: every pixel gets a class). A class may be a list of synonyms
+        (``[["person", "man"], "dog"]``): each is prompted and the class probability is the
+        max over them after the softmax over all prompts. Options of the official
+        pipelines of GEM's siblings, off by default: ``pamr_iterations`` > 0 refines the
+        logits with PAMR guided by the input image (:func:`gem_jax.postprocess.pamr`;
+        NACLIP: 10 iterations, dilations 8 and 16); ``area_threshold`` drops classes that
+        win at most that fraction of the pixels (SCLIP's area threshold).
         """
         if isinstance(class_names, str):
             class_names = [class_names]
-        class_names = _prompt_sets(class_names, 1)[0]
-        dup = first_duplicate(class_names)
+        groups = [[c] if isinstance(c, str) else list(c) for c in class_names]
+        if not groups or not all(groups):
+            raise ValueError("every class needs at least one name")
+        prompts = _prompt_sets([n for g in groups for n in g], 1)[0]
+        dup = first_duplicate(prompts)
         if dup:
             raise ValueError(f"class names {dup[0]!r} and {dup[1]!r} are the same to the model (it ignores case "
                              "and spacing): the copies would split the probability; give each class once")
+        query_class = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")
         images = preprocess.as_image_list(image)
         if len(images) != 1:
             raise ValueError(f"segment takes one image, got {len(images)}")
-        out = self.heatmaps(images, [list(class_names)], size=size, short_side=short_side)
-        return labels_from_logits(np.asarray(out.logits[0]), background_threshold)
+        out = self.heatmaps(images, [prompts], size=size, short_side=short_side)
+        return label_map(images[0], np.asarray(out.logits[0]), background_threshold, logit_scale=logit_scale,
+                         area_threshold=area_threshold, pamr_iterations=pamr_iterations,
+                         pamr_dilations=pamr_dilations,
+                         query_class=query_class if len(groups) < len(prompts) else None)
+
+
+def label_map(image: np.ndarray, logits: np.ndarray, background_threshold: float | None = 0.85, *,
+              logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None, pamr_iterations: int = 0,
+              pamr_dilations: Sequence[int] = (8, 16), query_class: np.ndarray | None = None) -> np.ndarray:
+    """The label map of :meth:`GEM.segment` from logits already computed: ``image`` the
+    decoded image (H0, W0, 3), ``logits`` (P, H, W) at the model input size; PAMR (if
+    asked) is guided by the image resized to (H, W), then :func:`labels_from_logits`."""
+    if pamr_iterations:
+        from gem_jax import postprocess
+
+        guide = preprocess.normalize(preprocess.resize(image, logits.shape[-2:])).transpose(2, 0, 1)
+        logits = np.asarray(postprocess.pamr(guide, logits, iterations=pamr_iterations, dilations=pamr_dilations))
+    return labels_from_logits(logits, background_threshold, logit_scale=logit_scale, area_threshold=area_threshold,
+                              query_class=query_class)
 
 
 def resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -506,12 +556,29 @@ def resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.einsum("Hh,...hw,Ww->...HW", my, maps, mx).astype(np.float32)
 
 
-def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85) -> np.ndarray:
-    """(P, H, W) cosine logits -> (H, W) int32 labels, 0 background, ``k + 1`` class k."""
-    scaled = LOGIT_SCALE * logits.astype(np.float64)
+def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 0.85, *,
+                       logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None,
+                       query_class: np.ndarray | None = None) -> np.ndarray:
+    """(P, H, W) cosine logits -> (H, W) int32 labels, 0 background, ``k + 1`` class k.
+
+    Probabilities are the softmax over prompts of ``logit_scale * logits``; with
+    ``query_class`` (the class of each prompt) a class's probability is the max over its
+    prompts; with ``area_threshold`` a class that wins at most that fraction of the pixels
+    gets probability 0 before the argmax and the background threshold."""
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be positive, got {logit_scale!r}")
+    if area_threshold is not None and not 0.0 <= area_threshold <= 1.0:
+        raise ValueError(f"area_threshold must be in [0, 1], got {area_threshold!r}")
+    scaled = logit_scale * logits.astype(np.float64)
     scaled -= scaled.max(axis=0, keepdims=True)
     probs = np.exp(scaled)
     probs /= probs.sum(axis=0, keepdims=True)
+    if query_class is not None:
+        query_class = np.asarray(query_class)
+        probs = np.stack([probs[query_class == c].max(axis=0) for c in range(int(query_class.max()) + 1)])
+    if area_threshold is not None:
+        area = np.bincount(probs.argmax(axis=0).reshape(-1), minlength=len(probs))
+        probs = probs * (area > area_threshold * area.sum())[:, None, None]
     labels = probs.argmax(axis=0).astype(np.int32) + 1
     if background_threshold is not None:
         labels[probs.max(axis=0) < background_threshold] = 0

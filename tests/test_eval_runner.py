@@ -160,7 +160,8 @@ def test_sclip_protocol_sliding_with_background_prompts(tmp_path, gem):
     assert result["evaluated"] == 2 and result["protocol_settings"]["crop"] == 32
     assert result["protocol_settings"]["logit_scale"] == 50.0  # the context60 override
     assert result["prompts"]["background"] == ["background"]
-    assert result["prompts"]["person"][:2] == ["person", "person in shirt"]
+    # SCLIP's own Context-60 names (configs/cls_context60.txt): plain "person", no synonyms.
+    assert result["prompts"]["person"] == ["person"] and result["protocol_settings"]["class_names"] == "sclip"
     check_json_against_predictions(result, ds, tmp_path / "pred")
 
 
@@ -265,11 +266,11 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, gem, monkeypa
     calls = []
     real = runner._Run.score_labels
 
-    def interrupted(self, sample, label, logits):
+    def interrupted(self, sample, label, logits, image=None):
         calls.append(sample.id)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C on the second image
-        real(self, sample, label, logits)
+        real(self, sample, label, logits, image)
 
     monkeypatch.setattr(runner._Run, "score_labels", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -287,11 +288,11 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, gem, monkeypa
     periodic = tmp_path / "periodic.npz"
     seen = []
 
-    def peek(self, sample, label, logits):
+    def peek(self, sample, label, logits, image=None):
         if periodic.exists():
             with np.load(periodic) as z:
                 seen.append(list(z["done"]))
-        real(self, sample, label, logits)
+        real(self, sample, label, logits, image)
 
     monkeypatch.setattr(runner._Run, "score_labels", peek)
     runner.evaluate(gem, ds, SMALL_GEM, state_file=periodic, save_every=1, progress=False)

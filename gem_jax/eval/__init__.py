@@ -1,11 +1,13 @@
 """Benchmark evaluation: dataset readers, metrics, protocols and the evaluation runner."""
 
 from gem_jax.eval.datasets import READERS, Dataset, DatasetError, Points, Sample, open_dataset
-from gem_jax.eval.protocols import GEM_PROTOCOL, PROTOCOLS, SCLIP_PROTOCOL, Protocol, get_protocol
+from gem_jax.eval.protocols import (CLEARCLIP_PROTOCOL, GEM_PROTOCOL, MASKCLIP_PROTOCOL, NACLIP_PROTOCOL, PROTOCOLS,
+                                    SCLIP_PROTOCOL, Protocol, get_protocol)
 
 __all__ = [
     "READERS", "Dataset", "DatasetError", "Points", "Sample", "open_dataset",
-    "GEM_PROTOCOL", "PROTOCOLS", "SCLIP_PROTOCOL", "Protocol", "get_protocol",
+    "GEM_PROTOCOL", "PROTOCOLS", "SCLIP_PROTOCOL", "CLEARCLIP_PROTOCOL", "NACLIP_PROTOCOL", "MASKCLIP_PROTOCOL",
+    "Protocol", "get_protocol",
     "evaluate", "EvaluationError",
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import pathlib
 import signal
@@ -13,9 +14,51 @@ import traceback
 
 from gem_jax import argtypes
 from gem_jax.eval.datasets import READERS
-from gem_jax.eval.protocols import PROTOCOLS
+from gem_jax.class_names import NAME_SETS
+from gem_jax.eval.protocols import BORDERS, PROTOCOLS
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+_UNSET = object()
+
+
+def _optional_probability(text: str):
+    if text.strip().lower() == "none":
+        return None
+    return argtypes.probability(text)
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas (e.g. 8,16), got {text!r}")
+    return values
+
+
+def protocol_overrides(args) -> dict:
+    """The protocol fields the post-processing flags of ``gem-jax eval`` set."""
+    out = {}
+    if getattr(args, "template", None) is not None:
+        out["template"] = args.template
+    if getattr(args, "class_names", None) is not None:
+        out["class_names"] = None if args.class_names == "dataset" else args.class_names
+        if out["class_names"] is not None:
+            out.update(synonyms=True, background_prompts=True)
+    if getattr(args, "logit_scale", None) is not None:
+        out["logit_scale"] = args.logit_scale
+    for name in ("background_threshold", "area_threshold"):
+        value = getattr(args, name, _UNSET)
+        if value is not _UNSET:
+            out[name] = value
+    if getattr(args, "pamr", None) is not None:
+        out["pamr_iterations"] = args.pamr
+    if getattr(args, "pamr_dilations", None) is not None:
+        out["pamr_dilations"] = args.pamr_dilations
+    if getattr(args, "border", None) is not None:
+        out["border"] = args.border
+    return out
 
 
 def _projections(text: str) -> tuple[str, ...]:
@@ -37,9 +80,28 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
                                                  "(default ViT-B/16:openai)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="gem",
-                   help="gem: the paper's (short side 448, one template); sclip: short side 336, 224 crops "
-                        "stride 112, 80 templates (default gem)")
-    argtypes.add_method_arguments(p)
+                   help="gem: the paper's (short side 448, one template); sclip, clearclip, naclip, maskclip: "
+                        "each official pipeline's per-dataset settings (sizes, windows, templates, class names, "
+                        "logit scale, thresholds, PAMR); see docs/REPRODUCING.md (default gem)")
+    over = p.add_argument_group("post-processing (override the protocol's setting for this run)")
+    over.add_argument("--template", default=None,
+                      help="prompt template with {}, or 'imagenet' (80 templates) or 'imagenet85' (85)")
+    over.add_argument("--class-names", default=None, metavar="SET",
+                      help=f"class-name set ({', '.join(NAME_SETS)}), or 'dataset' for the dataset's own names")
+    over.add_argument("--logit-scale", type=argtypes.positive_float, default=None,
+                      help="multiplies the cosine logits before the softmax over prompts")
+    over.add_argument("--background-threshold", type=_optional_probability, default=_UNSET, metavar="P",
+                      help="background where the top class probability is below P ('none': off)")
+    over.add_argument("--area-threshold", type=_optional_probability, default=_UNSET, metavar="F",
+                      help="SCLIP's area threshold: drop classes on at most this fraction of the "
+                           "non-background pixels ('none': off)")
+    over.add_argument("--pamr", type=argtypes.nonneg_int, default=None, metavar="N",
+                      help="PAMR iterations on the logits (0: off; NACLIP uses 10)")
+    over.add_argument("--pamr-dilations", type=_dilations, default=None, metavar="D,D",
+                      help="PAMR neighbour distances in pixels (default 8,16)")
+    over.add_argument("--border", choices=BORDERS, default=None,
+                      help="how a window that is not a patch multiple is fed to the model")
+    argtypes.add_method_arguments(p, default=None)
     p.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
                    help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
     p.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
@@ -128,7 +190,22 @@ def _execute(args) -> int:
         raise _Usage(f"--save-predictions must name a directory, {args.save_predictions} is a file")
     if args.restart and state is not None:
         state.unlink(missing_ok=True)
-    protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+    try:
+        protocol = get_protocol(args.protocol).for_dataset(dataset.name)
+        overrides = protocol_overrides(args)
+        if overrides.get("class_names") not in (None, *NAME_SETS):
+            raise ValueError(f"unknown class-name set {overrides['class_names']!r}; choose one of "
+                             f"{', '.join(NAME_SETS)} or 'dataset'")
+        if overrides:
+            protocol = dataclasses.replace(protocol, **overrides)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+
+    if args.method is None:  # the method of the protocol's paper, GEM's for the gem protocol
+        args.method = protocol.method or "gem"
+    elif protocol.method is not None and protocol.method != args.method:
+        print(f"gem-jax eval: note: the {protocol.name} protocol comes from the {protocol.method} paper; "
+              f"evaluating --method {args.method}", file=sys.stderr)
 
     from gem_jax import pipeline
     from gem_jax.eval.runner import EvaluationError, StateFileError, evaluate, write_json
@@ -136,7 +213,7 @@ def _execute(args) -> int:
     from gem_jax import gem as gem_lib
 
     try:  # option values, before the slow model load
-        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature,
+        gem_lib.GEMOptions(layers=6 if args.gem_layers is None else args.gem_layers, iterations=args.iterations, temperature=args.temperature,
                            projections=args.projections, normalize=not args.no_norm)
         argtypes.check_method(args)
     except ValueError as e:

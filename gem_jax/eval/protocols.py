@@ -1,4 +1,5 @@
-"""Evaluation protocols as data: GEM's own and the sliding-window protocol of later training-free papers."""
+"""Evaluation protocols as data: GEM's own, and those of the official code of SCLIP, ClearCLIP, NACLIP and
+MaskCLIP (per-dataset sizes, windows, templates, class names, logit scale, thresholds, PAMR)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import dataclasses
 import types
 from typing import Any, Mapping
 
-# The same values as gem_jax.pipeline's; repeated so protocols stay plain data with no model imports.
+# The same values as gem_jax.pipeline's and gem_jax.sliding's; repeated so protocols stay
+# plain data with no model imports.
 DEFAULT_TEMPLATE = "a photo of a {}."
 LOGIT_SCALE = 100.0
+BORDERS = ("resize", "truncate", "pad_center", "pad_corner")
+#: The benchmarks of SCLIP, ClearCLIP and NACLIP (their configs/cfg_*.py), by gem-jax name.
+EIGHT_BENCHMARKS = ("voc", "context60", "coco_object", "voc20", "cityscapes", "context", "ade20k", "coco_stuff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +27,20 @@ class Protocol:
       name: registry name.
       description: one line, with the source of the settings.
       short_side: the image's shorter side is resized to this, keeping the aspect.
-      template: prompt template with ``{}``, or ``"imagenet"`` for CLIP's 80 templates.
+      template: prompt template with ``{}``, or a named set: ``"imagenet"`` (CLIP's 80
+        templates), ``"imagenet85"`` (those and 5 scene templates).
       crop, stride: sliding-window inference over the resized image (``None``: the
         whole image in one pass).
-      max_long_side: with sliding windows, the longer side is capped at this (mmseg's
-        ``Resize(scale=(long, short), keep_ratio=True)``).
+      max_long_side: with sliding windows or a ``border`` other than ``"resize"``, the
+        longer side is capped at this (mmseg's ``Resize(scale=(long, short), keep_ratio=True)``).
+      border: what a window (or, without ``crop``, the whole resized image) whose sides are
+        not patch multiples goes through the model as (:data:`gem_jax.sliding.BORDERS`):
+        ``"resize"`` (gem-jax's: resized to the nearest multiple; the whole-image path then
+        snaps the image itself), ``"truncate"`` (SCLIP, NACLIP: only the whole patches are
+        seen, their logits stretched over the window), ``"pad_center"`` (ClearCLIP: padded
+        on all sides to the next multiple, logits cut back), ``"pad_corner"`` (MaskCLIP's
+        mmseg ViT: padded at the bottom and right, logits of the padded input stretched
+        over the window). Padding is the mean colour (zero after normalisation).
       logit_scale: multiplies the cosine logits before the softmax over prompts.
       background_threshold: for datasets with a background class, pixels whose top
         class probability is below this are background.
@@ -37,6 +51,16 @@ class Protocol:
         (else only the first name).
       background_prompts: give the background class its own prompts (the dataset's
         background names) instead of predicting it only by threshold.
+      class_names: a bundled class-name set (:data:`gem_jax.class_names.NAME_SETS`) whose
+        file for the dataset replaces the dataset's own prompts (every name on a line is
+        prompted, the background too when its line is there); ``None`` for the dataset's.
+      pamr_iterations, pamr_dilations: PAMR (:func:`gem_jax.postprocess.pamr`) on the
+        cosine logits at the annotation size before the softmax, guided by the resized
+        input image; 0 iterations is off.
+      method: the method the protocol's source paper evaluates (a name of
+        ``gem_jax.gem.METHODS``), recorded as data; the evaluated method is the GEM's.
+      datasets: the datasets the source publishes settings for (``None``: any); others are
+        refused.
       point_threshold: heatmap level at which a point counts as "on" (p-mIoU).
       overrides: per dataset name, field values that replace the above.
     """
@@ -54,6 +78,12 @@ class Protocol:
     synonyms: bool = False
     background_prompts: bool = False
     point_threshold: float = 0.5
+    border: str = "resize"
+    class_names: str | None = None
+    pamr_iterations: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    method: str | None = None
+    datasets: tuple[str, ...] | None = None
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -67,6 +97,15 @@ class Protocol:
             v = getattr(self, f)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{f} must be in [0, 1], got {v!r}")
+        if self.border not in BORDERS:
+            raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
+        if not isinstance(self.pamr_iterations, int) or self.pamr_iterations < 0:
+            raise ValueError(f"pamr_iterations must be a non-negative int, got {self.pamr_iterations!r}")
+        object.__setattr__(self, "pamr_dilations", tuple(self.pamr_dilations))
+        if not self.pamr_dilations or min(self.pamr_dilations) < 1:
+            raise ValueError(f"pamr_dilations must be positive, got {self.pamr_dilations!r}")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be positive, got {self.logit_scale!r}")
         fields = {f.name for f in dataclasses.fields(self)} - {"name", "overrides"}
         for ds, values in self.overrides.items():
             unknown = set(values) - fields
@@ -76,15 +115,24 @@ class Protocol:
 
     @property
     def sliding(self) -> bool:
-        return self.crop is not None
+        """Whether the image goes through :func:`gem_jax.sliding.sliding_logits` (windows,
+        or one whole-image window with a ``border`` rule)."""
+        return self.crop is not None or self.border != "resize"
 
     def for_dataset(self, dataset_name: str) -> "Protocol":
-        """This protocol with the overrides of ``dataset_name`` applied."""
+        """This protocol with the overrides of ``dataset_name`` applied.
+
+        Raises ValueError for a dataset outside ``datasets``."""
+        if self.datasets is not None and dataset_name not in self.datasets:
+            raise ValueError(f"the {self.name} protocol has settings for {', '.join(self.datasets)} only, "
+                             f"not {dataset_name}")
         return dataclasses.replace(self, overrides={}, **self.overrides.get(dataset_name, {}))
 
     def settings(self) -> dict:
         """The fields as a JSON-able dict (for results files)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["pamr_dilations"] = list(self.pamr_dilations)
+        d["datasets"] = None if self.datasets is None else list(self.datasets)
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
         return d
 
@@ -101,16 +149,20 @@ GEM_PROTOCOL = Protocol(
     background_threshold=0.85,
 )
 
-#: The protocol of later training-free papers (SCLIP's mmseg configs, reused by ClearCLIP,
-#: NACLIP, ...): shorter side 336 (448 for COCO-Stuff, 560 for Cityscapes, longer side at
-#: most 2048), 224 crops with stride 112 averaged, 80 ImageNet templates, class names with
-#: synonyms, a background class with its own prompts and a probability threshold of 0.1,
-#: logit scale 40 (65 for VOC, 50 for Context-60 and COCO-Object), and SCLIP's area
-#: threshold 0.1 on VOC.
+# The settings below are read from each official repository's per-dataset configs
+# (configs/cfg_<dataset>.py, mmseg test pipelines and model arguments) and segmentor code;
+# tests/test_protocols.py repeats them with the file each comes from.
+
+#: SCLIP (wangf3014/SCLIP): shorter side 336 (448 for COCO-Stuff, 560 for Cityscapes; longer
+#: side at most 2048), 224 crops with stride 112, only whole patches seen at the borders, 80
+#: ImageNet templates, its class-name files (synonyms, 26 background stuff words), logit
+#: scale 40 (65 VOC, 50 Context-60 and COCO-Object), background below probability 0.1, the
+#: area threshold 0.1 on VOC, no PAMR.
 SCLIP_PROTOCOL = Protocol(
     name="sclip",
-    description="SCLIP-style: short side 336, 224 crops stride 112, 80 ImageNet templates, synonyms, "
-                "background prompts with probability threshold 0.1, logit scale 40 (per-dataset overrides)",
+    description="SCLIP's configs: short side 336 (COCO-Stuff 448, Cityscapes 560), 224 crops stride 112, "
+                "80 ImageNet templates, its class-name files, logit scale 40 (VOC 65, Context-60 and "
+                "COCO-Object 50), background below 0.1, area threshold 0.1 on VOC",
     short_side=336,
     template="imagenet",
     crop=224,
@@ -120,6 +172,10 @@ SCLIP_PROTOCOL = Protocol(
     background_threshold=0.1,
     synonyms=True,
     background_prompts=True,
+    border="truncate",
+    class_names="sclip",
+    method="sclip",
+    datasets=EIGHT_BENCHMARKS,
     overrides={
         "voc": {"logit_scale": 65.0, "area_threshold": 0.1},
         "context60": {"logit_scale": 50.0},
@@ -129,12 +185,99 @@ SCLIP_PROTOCOL = Protocol(
     },
 )
 
+#: NACLIP (sinahmr/NACLIP): shorter side 336 (560 for Cityscapes), 224 crops with stride 112
+#: (VOC and VOC20: the whole image), whole patches at the borders, 80 ImageNet templates,
+#: SCLIP's class-name files, logit scale 40, background below probability 0.1, PAMR with 10
+#: iterations at dilations 8 and 16.
+NACLIP_PROTOCOL = Protocol(
+    name="naclip",
+    description="NACLIP's configs: short side 336 (Cityscapes 560), 224 crops stride 112 (VOC, VOC20 whole "
+                "image), 80 ImageNet templates, SCLIP's class-name files, logit scale 40, background below "
+                "0.1, PAMR 10 iterations at dilations 8 and 16",
+    short_side=336,
+    template="imagenet",
+    crop=224,
+    stride=112,
+    max_long_side=2048,
+    logit_scale=40.0,
+    background_threshold=0.1,
+    synonyms=True,
+    background_prompts=True,
+    border="truncate",
+    class_names="sclip",
+    pamr_iterations=10,
+    pamr_dilations=(8, 16),
+    method="naclip",
+    datasets=EIGHT_BENCHMARKS,
+    overrides={
+        "voc": {"crop": None, "stride": None},
+        "voc20": {"crop": None, "stride": None},
+        "cityscapes": {"short_side": 560},
+    },
+)
+
+#: ClearCLIP (mc-lan/ClearCLIP): shorter side 448, 448 crops with stride 224 (Cityscapes 224
+#: and 224), crops zero-padded to the patch multiple, 80 ImageNet templates, plain class
+#: names and a single "background", logit scale 50, background below probability 0.5 (VOC),
+#: 0.15 (Context-60), 0.4 (COCO-Object).
+CLEARCLIP_PROTOCOL = Protocol(
+    name="clearclip",
+    description="ClearCLIP's configs: short side 448, 448 crops stride 224 (Cityscapes 224 / 224) zero-padded "
+                "to the patch multiple, 80 ImageNet templates, plain names and 'background', logit scale 50, "
+                "background below 0.5 (VOC), 0.15 (Context-60), 0.4 (COCO-Object)",
+    short_side=448,
+    template="imagenet",
+    crop=448,
+    stride=224,
+    max_long_side=2048,
+    logit_scale=50.0,
+    background_threshold=0.0,
+    synonyms=True,
+    background_prompts=True,
+    border="pad_center",
+    class_names="clearclip",
+    method="clearclip",
+    datasets=EIGHT_BENCHMARKS,
+    overrides={
+        "voc": {"background_threshold": 0.5},
+        "context60": {"background_threshold": 0.15},
+        "coco_object": {"background_threshold": 0.4},
+        "cityscapes": {"crop": 224, "stride": 224},
+    },
+)
+
+#: MaskCLIP (chongzhou96/MaskCLIP, ViT-B/16 configs): the whole image in one pass, mmseg's
+#: keep-ratio resize to (2048, 512) (Context-59 (520, 520), Cityscapes (1024, 512)), the ViT
+#: padding the bottom and right to the patch multiple, 85 templates, its plain class names,
+#: argmax over classes (no background class on its benchmarks).
+MASKCLIP_PROTOCOL = Protocol(
+    name="maskclip",
+    description="MaskCLIP's ViT-B/16 configs: whole image, short side 512 (long side <= 2048; Context-59 long "
+                "side 520; Cityscapes 1024x512), corner padding to the patch multiple, 85 templates, its "
+                "plain class names, argmax",
+    short_side=512,
+    template="imagenet85",
+    max_long_side=2048,
+    logit_scale=LOGIT_SCALE,
+    synonyms=True,
+    border="pad_corner",
+    class_names="maskclip",
+    method="maskclip",
+    datasets=("voc20", "context", "coco_stuff", "cityscapes", "ade20k"),
+    overrides={
+        "context": {"short_side": 520, "max_long_side": 520},
+        "cityscapes": {"max_long_side": 1024},
+    },
+)
+
 #: Protocols by name.
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (GEM_PROTOCOL, SCLIP_PROTOCOL)}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (GEM_PROTOCOL, SCLIP_PROTOCOL, CLEARCLIP_PROTOCOL,
+                                                      NACLIP_PROTOCOL, MASKCLIP_PROTOCOL)}
 
 
 def get_protocol(name_or_protocol) -> Protocol:
-    """A :class:`Protocol` by name (``"gem"``, ``"sclip"``), or the one given."""
+    """A :class:`Protocol` by name (``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``,
+    ``"maskclip"``), or the one given."""
     if isinstance(name_or_protocol, Protocol):
         return name_or_protocol
     if name_or_protocol not in PROTOCOLS:

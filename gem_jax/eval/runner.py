@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from gem_jax import _files, preprocess
+from gem_jax import _files, class_names, postprocess, preprocess
 from gem_jax.eval import metrics
 from gem_jax.eval.datasets import IGNORE_INDEX, Dataset, DatasetError, voc_palette
 from gem_jax.eval.protocols import Protocol, get_protocol
 from gem_jax.models.layers import resize_matrix
-from gem_jax.pipeline import GEM, Model, imagenet_templates
+from gem_jax.pipeline import GEM, TEMPLATE_SETS, Model, template_set
 from gem_jax.sliding import sliding_logits
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,17 @@ class Queries:
 
 def build_queries(dataset: Dataset, protocol: Protocol) -> Queries:
     """The prompts a protocol uses for a dataset: each class's first name (every name
-    with ``synonyms``); the background class only with ``background_prompts``."""
+    with ``synonyms``); the background class only with ``background_prompts``. The names
+    come from the protocol's ``class_names`` set when it has one, else from the dataset."""
+    table = dataset.prompts
+    if protocol.class_names is not None:
+        loaded = class_names.class_names(protocol.class_names, dataset.name)
+        if loaded.num_classes != dataset.num_classes:
+            raise ValueError(f"the {protocol.class_names!r} class names list {loaded.num_classes} classes for "
+                             f"{dataset.name}, which has {dataset.num_classes}")
+        table = loaded.names
     names, classes = [], []
-    for c, prompts in enumerate(dataset.prompts):
+    for c, prompts in enumerate(table):
         if c == dataset.background and not protocol.background_prompts:
             continue
         for name in (prompts if protocol.synonyms else prompts[:1]):
@@ -85,25 +93,29 @@ def _padded_resize(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "background", "logit_scale", "threshold",
-                                             "area_threshold", "ignore_index"))
-def _semantic_step(conf, logits, rows, cols, hw, label, query_class, *, num_classes, background, logit_scale,
-                   threshold, area_threshold, ignore_index):
+                                             "area_threshold", "ignore_index", "pamr_iterations",
+                                             "pamr_dilations"))
+def _semantic_step(conf, logits, rows, cols, hw, label, query_class, guide=None, *, num_classes, background,
+                   logit_scale, threshold, area_threshold, ignore_index, pamr_iterations=0, pamr_dilations=(8, 16)):
     """Logits (P, hb, wb) at the model size -> labels at the annotation size -> confusion update.
 
     ``rows`` (Hb, hb) and ``cols`` (Wb, wb) are padded bilinear resize matrices; ``hw`` the
     true annotation size inside the (Hb, Wb) bucket; ``label`` is padded with the ignore value.
+    ``guide`` (3, hb, wb), the normalised input image at the logits' size, guides PAMR.
     """
     x = jnp.einsum("Hh,phw,Ww->pHW", rows, logits, cols, precision=jax.lax.Precision.HIGHEST)
+    if pamr_iterations:
+        # As NACLIP: PAMR on the logits at the annotation size, guided by the input image
+        # bilinearly resized to that size.
+        image = jnp.einsum("Hh,khw,Ww->kHW", rows, guide, cols, precision=jax.lax.Precision.HIGHEST)
+        x = postprocess.pamr(image, x, iterations=pamr_iterations, dilations=pamr_dilations, valid_hw=hw)
     probs = jax.nn.softmax(logit_scale * x, axis=0)
     # Synonyms vote for their class by max; classes without prompts (background decided
     # by threshold) get probability 0.
-    cls = jnp.maximum(jax.ops.segment_max(probs, query_class, num_segments=num_classes), 0.0)
+    cls = postprocess.merge_synonyms(probs, query_class, num_classes)
     if area_threshold is not None and background is not None:
         valid = (jnp.arange(cls.shape[1])[:, None] < hw[0]) & (jnp.arange(cls.shape[2])[None, :] < hw[1])
-        top = jnp.where(valid, jnp.argmax(cls, axis=0), num_classes)
-        area = jnp.bincount(top.reshape(-1), length=num_classes + 1)[:num_classes].at[background].set(0)
-        keep = (area > area_threshold * area.sum()).at[background].set(True)
-        cls = cls * keep[:, None, None]
+        cls = postprocess.suppress_small_areas(cls, area_threshold, background, valid)
     pred = jnp.argmax(cls, axis=0).astype(jnp.int32)
     if threshold is not None and background is not None:
         pred = jnp.where(jnp.max(cls, axis=0) < threshold, background, pred)
@@ -111,23 +123,31 @@ def _semantic_step(conf, logits, rows, cols, hw, label, query_class, *, num_clas
 
 
 def labels_at(logits: np.ndarray, out_hw: tuple[int, int], query_class: np.ndarray, num_classes: int,
-              background: int | None, protocol: Protocol) -> np.ndarray:
-    """The (H, W) int32 prediction the runner scores for (P, h, w) logits at size ``out_hw``."""
+              background: int | None, protocol: Protocol, image: np.ndarray | None = None) -> np.ndarray:
+    """The (H, W) int32 prediction the runner scores for (P, h, w) logits at size ``out_hw``
+    (``image``: the uint8 (h, w, 3) input the logits are of, needed for PAMR)."""
     conf = metrics.new_confusion(num_classes)
     label = np.full((_bucket(out_hw[0]), _bucket(out_hw[1])), IGNORE_INDEX, np.int32)
-    _, pred = _run_step(conf, logits, out_hw, label, query_class, num_classes, background, protocol)
+    _, pred = _run_step(conf, logits, out_hw, label, query_class, num_classes, background, protocol, image)
     return np.asarray(pred)[:out_hw[0], :out_hw[1]]
 
 
-def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, background, protocol):
+def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, background, protocol, image=None):
     p, h, w = logits.shape
     padded = np.zeros((p, _bucket(h), _bucket(w)), np.float32)
     padded[:, :h, :w] = logits
+    guide = None
+    if protocol.pamr_iterations:
+        if image is None or image.shape[:2] != (h, w):
+            raise ValueError(f"PAMR needs the input image at the logits' size {h}x{w}")
+        guide = np.zeros((3, _bucket(h), _bucket(w)), np.float32)
+        guide[:, :h, :w] = preprocess.normalize(image).transpose(2, 0, 1)
     return _semantic_step(conf, padded, _padded_resize(h, out_hw[0]), _padded_resize(w, out_hw[1]),
-                          np.asarray(out_hw, np.int32), label_padded, query_class, num_classes=num_classes,
+                          np.asarray(out_hw, np.int32), label_padded, query_class, guide, num_classes=num_classes,
                           background=background, logit_scale=float(protocol.logit_scale),
                           threshold=protocol.background_threshold, area_threshold=protocol.area_threshold,
-                          ignore_index=IGNORE_INDEX)
+                          ignore_index=IGNORE_INDEX, pamr_iterations=protocol.pamr_iterations,
+                          pamr_dilations=protocol.pamr_dilations)
 
 
 # ----------------------------------------------------------------------------- state and outputs
@@ -287,7 +307,7 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     protocol = get_protocol(protocol).for_dataset(dataset.name)
     if isinstance(gem_or_model, GEM):
         gem = gem_or_model
-        wanted = imagenet_templates() if protocol.template == "imagenet" else (protocol.template,)
+        wanted = template_set(protocol.template) if protocol.template in TEMPLATE_SETS else (protocol.template,)
         if gem.templates != wanted:
             log.warning("the GEM's %d prompt template(s) differ from the %s protocol's %d; using the GEM's",
                         len(gem.templates), protocol.name, len(wanted))
@@ -431,7 +451,9 @@ class _Run:
             loaded = keep
         for (sample, image, label), maps in zip(loaded, outputs):
             if self.dataset.kind == "semantic":
-                self.score_labels(sample, label, maps)
+                # PAMR's guide: the input as the model saw it, at the logits' size.
+                guide = preprocess.resize(image, maps.shape[-2:]) if self.protocol.pamr_iterations else None
+                self.score_labels(sample, label, maps, guide)
             else:
                 self.score_points(sample, maps)
 
@@ -446,18 +468,19 @@ class _Run:
         sets = [self.prompts_of(s) for s in samples]
         if p.sliding:
             out = [sliding_logits(self.gem, img, prompts, crop=p.crop, stride=p.stride, short_side=p.short_side,
-                                  max_long_side=p.max_long_side) for img, prompts in zip(images, sets)]
+                                  max_long_side=p.max_long_side, border=p.border)
+                   for img, prompts in zip(images, sets)]
             return out if self.queries is not None else [_min_max(m) for m in out]
         res = self.gem.heatmaps(images, sets, short_side=p.short_side)
         maps = res.logits if self.queries is not None else res.heatmaps
         return [np.asarray(maps[i]) for i in range(len(images))]
 
-    def score_labels(self, sample, label: np.ndarray, logits: np.ndarray) -> None:
+    def score_labels(self, sample, label: np.ndarray, logits: np.ndarray, image: np.ndarray | None = None) -> None:
         hw = label.shape
         padded = np.full((_bucket(hw[0]), _bucket(hw[1])), IGNORE_INDEX, np.int32)
         padded[:hw[0], :hw[1]] = label
         conf, pred = _run_step(self.state.counts, logits, hw, padded, self.query_class, self.dataset.num_classes,
-                               self.dataset.background, self.protocol)
+                               self.dataset.background, self.protocol, image)
         if self.pred_dir is not None:
             save_label_png(prediction_path(self.pred_dir, sample.id), np.asarray(pred)[:hw[0], :hw[1]])
         self.state.counts = conf
