@@ -1,0 +1,313 @@
+"""``gem-jax demo``: the page in a real headless Chromium, the ``/segment`` API, the messages.
+
+The server runs as a user starts it (a subprocess on a free port) on a small random-weight
+model. The browser is Debian's ``chromium`` driven by Playwright's Python API through
+``executable_path`` (``.ci/run`` installs it); outside CI a missing browser skips the
+browser tests, in CI (``CI=true``) it fails them.
+
+Set ``GEM_JAX_DEMO_SCREENSHOT=docs/demo.png`` to also write the page's screenshot there
+(the README's picture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
+gradio_client = pytest.importorskip("gradio_client")
+
+from gem_jax import pipeline, visualize  # noqa: E402
+from gem_jax.checkpoints import save_native  # noqa: E402
+from gem_jax.cli import _to_original_size  # noqa: E402
+from gem_jax.config import CLIPConfig, TextConfig, VisionConfig  # noqa: E402
+from gem_jax.models import init_params  # noqa: E402
+
+#: A small random CLIP; 32-pixel patches keep the default 448 input at 14 x 14 tokens.
+TINY = CLIPConfig(
+    vision=VisionConfig(image_size=64, patch_size=32, width=64, layers=3, heads=2),
+    text=TextConfig(width=32, layers=1, heads=2),
+    embed_dim=32,
+)
+START_TIMEOUT = 240  # seconds for the server to print its URL (imports, model load)
+RUN_TIMEOUT = 120_000  # milliseconds for a run in the page (the first one compiles)
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``gem-jax demo`` in a subprocess; ``url`` once it has printed it."""
+
+    def __init__(self, args, env):
+        self.port = _free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "gem_jax.cli", "demo", *map(str, args),
+                                      "--port", str(self.port)], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append), daemon=True).start()
+        self.url = self._wait_for_url()
+
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink(line)
+        sink(None)
+
+    def _wait_for_url(self) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=START_TIMEOUT)
+            except queue.Empty:
+                self.stop()
+                pytest.fail(f"the demo printed no URL in {START_TIMEOUT} s; stderr:\n{''.join(filter(None, self.err))}")
+            if line is None:
+                self.proc.wait(timeout=30)
+                pytest.fail(f"the demo exited ({self.proc.returncode}); stderr:\n{''.join(filter(None, self.err))}")
+            if "running on " in line:
+                url = line.split("running on ", 1)[1].strip()
+                assert url == f"http://127.0.0.1:{self.port}/", url
+                return url
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    model = root / "tiny-model"
+    save_native(model, TINY, init_params(TINY, seed=5))
+    e = dict(os.environ, GEM_JAX_WEIGHTS=str(root / "weights"), GEM_JAX_COMPILE_CACHE=str(root / "xla"),
+             HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="False",
+             PYTHONUNBUFFERED="1")
+    return {"root": root, "model": model, "env": e}
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    s = Server(["--model", env["model"]], env["env"])
+    yield s
+    s.stop()
+
+
+def write_image(path, h=60, w=88, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return pathlib.Path(path)
+
+
+# ---------------------------------------------------------------------- the API
+
+
+def test_segment_api_logits_match_gem_heatmaps(server, env, tmp_path):
+    from gradio_client import Client, handle_file
+
+    img = write_image(tmp_path / "photo.png")
+    client = Client(server.url, verbose=False)
+    gallery, label_map, npz, timing, status = client.predict(handle_file(str(img)), "cat, sofa", "gem",
+                                                             api_name="/segment")
+    assert status.startswith("Done"), status
+    assert "compilation" in timing  # the first run of this shape compiles
+
+    # The page's defaults: 448 input, adaptive temperature, all of the tiny model's 3 blocks.
+    api = pipeline.GEM(pipeline.load(str(env["model"])), layers=3).heatmaps(str(img), ["cat", "sofa"])
+    saved = np.load(npz)
+    assert sorted(saved.files) == ["heatmaps", "images", "logits", "prompts", "sizes"]
+    assert list(saved["prompts"]) == ["cat", "sofa"] and list(saved["images"]) == ["photo.png"]
+    assert saved["logits"].shape == (1, 2, 448, 448) and saved["sizes"].tolist() == [[448, 448]]
+    np.testing.assert_allclose(saved["logits"], api.logits, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(saved["heatmaps"], api.heatmaps, rtol=0, atol=1e-5)
+
+    # Each overlay is the package's overlay of that prompt's heatmap, at the image's own size.
+    picture = np.asarray(Image.open(img).convert("RGB"))
+    shown = _to_original_size(saved["heatmaps"][0], picture.shape[:2])
+    assert [item["caption"] for item in gallery] == ["cat", "sofa"]
+    for i, item in enumerate(gallery):
+        got = np.asarray(Image.open(item["image"]).convert("RGB"))
+        np.testing.assert_array_equal(got, visualize.overlay(picture, shown[i]))
+    assert Image.open(label_map).size[0] > picture.shape[1]  # image, labels and legend side by side
+
+    # Same size and prompt-count bucket: no compilation; nine prompts: a new bucket compiles.
+    again = client.predict(handle_file(str(img)), "dog\nsofa\ncat", "gem", api_name="/segment")
+    assert again[4].startswith("Done") and "compilation" not in again[3], again[3]
+    many = client.predict(handle_file(str(img)), ", ".join(f"thing {i}" for i in range(9)), "gem",
+                          api_name="/segment")
+    assert many[4].startswith("Done") and "compilation" in many[3], many[3]
+    assert len(many[0]) == 9
+
+
+@pytest.mark.parametrize("case", ["empty_prompts", "bad_upload", "truncated", "bad_size", "too_many_layers"])
+def test_segment_api_messages(server, tmp_path, case):
+    from gradio_client import Client, handle_file
+
+    img = write_image(tmp_path / "ok.png")
+    args, kwargs, expect = [img, "cat", "gem"], {}, None
+    if case == "empty_prompts":
+        args[1], expect = " ,\n , ", "Type at least one prompt"
+    elif case == "bad_upload":
+        (tmp_path / "notes.png").write_text("these are notes, not a picture")
+        args[0], expect = tmp_path / "notes.png", "Could not read the uploaded file 'notes.png'"
+    elif case == "truncated":
+        data = img.read_bytes()
+        (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+        args[0], expect = tmp_path / "cut.png", "Could not read the uploaded file 'cut.png'"
+    elif case == "bad_size":
+        kwargs, expect = {"size": "big"}, "Size: expected N or HxW"
+    elif case == "too_many_layers":
+        kwargs, expect = {"layers": 5}, "exceeds the model's 3 vision blocks"
+    gallery, label_map, npz, timing, status = Client(server.url, verbose=False).predict(
+        handle_file(str(args[0])), *args[1:], api_name="/segment", **kwargs)
+    assert expect in status, status
+    assert "Traceback" not in status and str(tmp_path) not in status
+    assert gallery == [] and label_map is None and npz is None
+
+
+# ---------------------------------------------------------------------- in the browser
+
+
+def _chromium() -> str:
+    """Debian's chromium, or a skip (a failure in CI)."""
+    path = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    problem = None
+    if path is None:
+        problem = "no chromium on PATH (apt-get install chromium; .ci/run does it)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "playwright is not installed (it is in the test extra)"
+    if problem:
+        if IN_CI:
+            pytest.fail(f"browser test cannot run in CI: {problem}")
+        pytest.skip(problem)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def page_of(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url)
+        page.wait_for_selector("#run", timeout=60_000)
+        yield page
+    finally:
+        page.close()
+
+
+def _fetch_image(page, src) -> Image.Image:
+    response = page.request.get(src)
+    assert response.ok, (src, response.status)
+    return Image.open(io.BytesIO(response.body())).convert("RGB")
+
+
+def _status(page, text):
+    page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text,
+                           timeout=RUN_TIMEOUT)
+    return page.inner_text("#status")
+
+
+def test_page_in_chromium(server, browser, tmp_path):
+    from gem_jax.pipeline import example_image_path
+
+    photo = tmp_path / "chelsea.jpg"
+    shutil.copyfile(example_image_path(), photo)
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    with page_of(browser, server.url) as page:
+        page.set_input_files("#image input[type=file]", str(photo))
+        page.wait_for_selector("#image img", timeout=30_000)  # the upload's preview
+
+        page.click("#run")  # no prompts yet
+        assert "Type at least one prompt" in _status(page, "Type at least one prompt")
+
+        page.fill("#prompts textarea", "cat\nsofa\nremote control")
+        page.get_by_text("GEM options").click()
+        page.fill("#size textarea", "224")
+        page.click("#run")
+        _status(page, "Done")
+        page.wait_for_function("document.querySelectorAll('#overlays .thumbnail-item img').length === 3 && "
+                               "[...document.querySelectorAll('#overlays .thumbnail-item img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=RUN_TIMEOUT)
+        page.wait_for_function("(() => { const i = document.querySelector('#label-map img'); "
+                               "return i && i.complete && i.naturalWidth > 0; })()", timeout=RUN_TIMEOUT)
+
+        thumbs = page.locator("#overlays .thumbnail-item")
+        assert [thumbs.nth(i).locator(".caption-label").inner_text() for i in range(3)] == \
+            ["cat", "sofa", "remote control"]
+        for i in range(3):
+            overlay = np.asarray(_fetch_image(page, thumbs.nth(i).locator("img").get_attribute("src")))
+            assert overlay.shape == original.shape  # at the image's own size
+            assert np.mean(np.abs(overlay.astype(int) - original)) > 5  # the heatmap is blended in
+        labels = _fetch_image(page, page.locator("#label-map img").get_attribute("src"))
+        assert labels.width > original.shape[1] and labels.height > 100
+        assert "Model time" in page.inner_text("#timing")
+        assert page.locator("#npz a[download], #npz a.download-link").count() >= 1
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        target = os.environ.get("GEM_JAX_DEMO_SCREENSHOT")
+        if target:
+            shutil.copyfile(tmp_path / "demo.png", target)
+
+        # An unreadable upload: a message in the page, no traceback.
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(b"not a JPEG at all" * 10)
+        page.locator("#image button[aria-label='Remove Image']").click()
+        page.wait_for_selector("#image img", state="detached", timeout=30_000)
+        page.set_input_files("#image input[type=file]", str(broken))
+        page.wait_for_selector("#image img", timeout=30_000)  # the (broken) preview of the new upload
+        page.click("#run")
+        message = _status(page, "Could not read the uploaded file")
+        assert "broken.jpg" in message and "Traceback" not in page.content()
+
+
+def test_page_opens_offline_and_says_what_to_download(env, browser, tmp_path):
+    """No --model and no converted default: the page opens with the CLI's download message."""
+    s = Server([], env["env"])
+    try:
+        with page_of(browser, s.url) as page:
+            banner = page.inner_text("#banner")
+            assert "ViT-B/16:openai" in banner and "hf download openai/clip-vit-base-patch16" in banner
+            assert str(pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"]) / "ViT-B-16.openai") in banner
+            page.fill("#prompts textarea", "cat")
+            page.click("#run")
+            assert "Upload an image first" in _status(page, "Upload an image")
+            page.set_input_files("#image input[type=file]", str(write_image(tmp_path / "a.png")))
+            page.wait_for_selector("#image img", timeout=30_000)
+            page.click("#run")
+            assert "hf download" in _status(page, "is not available")  # the same message on running
+        assert any("is not available" in line for line in s.err if line)  # and on the terminal
+    finally:
+        s.stop()
