@@ -379,9 +379,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gem_jax import demo
+    from gem_jax import checkpoints, demo
 
-    return demo.serve(args)
+    try:
+        return demo.serve(args)
+    except checkpoints.UnknownModelError as e:
+        raise UsageError(str(e)) from None
+    except demo.StartError as e:
+        raise RuntimeFailure(str(e)) from None
 
 
 COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,

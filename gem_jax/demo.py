@@ -16,6 +16,7 @@ The page has one API endpoint, ``/segment``::
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import pathlib
@@ -35,10 +36,16 @@ DEFAULTS = dict(layers=6, iterations=1, temperature=0.0, size="448", background_
 MAX_SIDE = 2048
 #: Runs whose files (overlays, label maps, npz) are kept on disk for the page.
 KEEP_RUNS = 16
+#: GEM objects (each with its compiled programs) kept for the most recent option sets.
+KEEP_OPTION_SETS = 8
 
 
 class DemoError(Exception):
     """A message for the page: bad input, or a model that cannot be loaded."""
+
+
+class StartError(RuntimeError):
+    """The page cannot be served (no Gradio, port taken): one line for the terminal."""
 
 
 def parse_prompts(text: str | None) -> list[str]:
@@ -102,7 +109,7 @@ def read_upload(value) -> tuple[np.ndarray, str]:
     """
     from gem_jax import preprocess
 
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value):
         raise DemoError("Upload an image first (or click the example below the button).")
     if isinstance(value, dict):
         path, name = value.get("path"), value.get("orig_name")
@@ -168,7 +175,7 @@ class Demo:
 
         self.initial = model or checkpoints.DEFAULT_MODEL
         self._models: dict[str, Any] = {}
-        self._gems: dict[tuple, Any] = {}
+        self._gems: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
         self._runs = 0
@@ -244,6 +251,10 @@ class Demo:
                                       temperature=temperature or None)
             except ValueError as e:
                 raise DemoError(f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
+            while len(self._gems) > KEEP_OPTION_SETS:  # drop the least recently used, and its programs
+                old, _ = self._gems.popitem(last=False)
+                self._compiled = {k for k in self._compiled if k[0] != old}
+        self._gems.move_to_end(key)
         return key, self._gems[key]
 
     # ------------------------------------------------------------------ running
@@ -337,6 +348,7 @@ class Demo:
         labels = pipeline.labels_from_logits(result.logits, threshold)
         labels = _to_original_size(labels, result.image.shape[:2], nearest=True)
         fig = visualize.label_figure(result.image, labels, result.prompts)
+        result.directory.mkdir(parents=True, exist_ok=True)  # an old run's files may have been cleared
         path = result.directory / f"labels_{threshold:.2f}.png"
         return str(visualize.save_png(fig, path, overwrite=True))
 
@@ -369,6 +381,12 @@ class Demo:
 # ---------------------------------------------------------------------- the page
 
 
+def _model_label(name: str) -> str:
+    """How the model list shows a name: registry names as they are, local paths by their last part."""
+    path = pathlib.Path(name).expanduser()
+    return f"{path.name} (local)" if path.exists() else name
+
+
 def build(demo: Demo):
     """The Gradio page (``gradio.Blocks``) around a :class:`Demo`."""
     import gradio as gr
@@ -394,7 +412,8 @@ def build(demo: Demo):
                                      elem_id="prompts")
                 with gr.Row():
                     method = gr.Dropdown(list(gem_lib.METHODS), value="gem", label="method", elem_id="method")
-                    model = gr.Dropdown(demo.model_choices(), value=demo.initial, label="model", elem_id="model")
+                    model = gr.Dropdown([(_model_label(n), n) for n in demo.model_choices()], value=demo.initial,
+                                        label="model", elem_id="model")
                 with gr.Accordion("GEM options", open=False):
                     layers = gr.Slider(1, layers_max, value=min(DEFAULTS["layers"], layers_max), step=1,
                                        label="layers (last blocks with the GEM path)", elem_id="layers")
@@ -406,7 +425,7 @@ def build(demo: Demo):
                 threshold = gr.Slider(0, 1, value=DEFAULTS["background_threshold"], step=0.01,
                                       label="background threshold of the label map", elem_id="threshold")
                 run = gr.Button("Run", variant="primary", elem_id="run")
-                gr.Examples([[str(example_image_path()), "cat\nsofa\nremote control"]], inputs=[image, prompts],
+                gr.Examples([[str(example_image_path()), "cat, sofa, remote control"]], inputs=[image, prompts],
                             label="example (Chelsea the cat, CC0)")
             with gr.Column(scale=3):
                 status = gr.Markdown(label="status", elem_id="status")
@@ -423,7 +442,7 @@ def build(demo: Demo):
 
         run.click(demo.run, inputs=[image, prompts, method, model, layers, iterations, temperature, size, threshold],
                   outputs=[overlays, label_map, npz, timing, status, result], api_name="segment",
-                  preprocess=False, concurrency_limit=1)
+                  preprocess=False, concurrency_limit=1, concurrency_id="model")
         threshold.release(demo.relabel, inputs=[result, threshold], outputs=[label_map], api_visibility="private")
 
         def pick_model(name):
@@ -435,27 +454,28 @@ def build(demo: Demo):
             return gr.update(maximum=n, value=min(DEFAULTS["layers"], n)), markdown_message(f"Model: {name}.", "info")
 
         model.change(pick_model, inputs=[model], outputs=[layers, status], api_visibility="private",
-                     concurrency_limit=1)
+                     concurrency_limit=1, concurrency_id="model")
     return page
 
 
 def serve(args) -> int:
-    """``gem-jax demo``: loads the model once, starts the page, prints its URL, serves until Ctrl-C."""
+    """``gem-jax demo``: loads the model once, starts the page, prints its URL, serves until Ctrl-C.
+
+    Returns the exit status; raises :class:`StartError`, or
+    :class:`~gem_jax.checkpoints.UnknownModelError` for a model name not in the registry.
+    """
     from gem_jax import checkpoints
-    from gem_jax.cli import EXIT_OK, RuntimeFailure, UsageError, enable_compile_cache
+    from gem_jax.cli import enable_compile_cache
 
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise RuntimeFailure('the demo needs Gradio: pip install "gem-jax[demo]"') from None
+        raise StartError('the demo needs Gradio: pip install "gem-jax[demo]"') from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
     print(f"gem-jax demo: loading {args.model or checkpoints.DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
-    try:
-        demo = Demo(args.model)
-    except checkpoints.UnknownModelError as e:
-        raise UsageError(str(e)) from None
+    demo = Demo(args.model)
     if demo.startup_error:
         print(f"gem-jax demo: warning: {demo.startup_error}", file=sys.stderr, flush=True)
     try:
@@ -466,8 +486,8 @@ def serve(args) -> int:
                                                   prevent_thread_lock=True, quiet=True, show_error=True,
                                                   ssr_mode=False, inbrowser=False)
         except OSError as e:
-            raise RuntimeFailure(f"cannot serve on {args.host}:{args.port} ({' '.join(str(e).split())}); "
-                                 "pass another --port") from None
+            reason = ("the port is in use" if "empty port" in str(e) else " ".join(str(e).split()))
+            raise StartError(f"cannot serve on {args.host}:{args.port}: {reason}; pass another --port") from None
         print(f"gem-jax demo: running on {local_url}", flush=True)
         if share_url:
             print(f"gem-jax demo: public link {share_url}", flush=True)
@@ -475,4 +495,4 @@ def serve(args) -> int:
         page.block_thread()
     finally:
         demo.close()
-    return EXIT_OK
+    return 0

@@ -186,6 +186,51 @@ def test_segment_api_messages(server, tmp_path, case):
     assert gallery == [] and label_map is None and npz is None
 
 
+@pytest.mark.parametrize("case", ["unknown_model", "port_taken"])
+def test_start_errors_exit_codes(env, case):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        model, port = str(env["model"]), busy.getsockname()[1]
+        if case == "unknown_model":
+            model, expect_code, expect_msg = "ViT-B/16:opnai", 2, "did you mean 'ViT-B/16:openai'"
+        else:
+            expect_code, expect_msg = 1, f"cannot serve on 127.0.0.1:{port}: the port is in use"
+        proc = subprocess.run([sys.executable, "-m", "gem_jax.cli", "demo", "--model", model, "--port", str(port)],
+                              env=env["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect_code, proc.stderr
+    assert expect_msg in proc.stderr and "Traceback" not in proc.stderr
+    assert "running on" not in proc.stdout
+
+
+def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env, monkeypatch):
+    from gem_jax.demo import Demo
+
+    monkeypatch.setenv("GEM_JAX_WEIGHTS", env["env"]["GEM_JAX_WEIGHTS"])
+
+    demo = Demo(str(env["model"]))
+    try:
+        assert demo.startup_error is None and demo.model_choices() == [str(env["model"])]
+        picture = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        first = list(demo.run(picture, "cat\ndog", "gem", layers=2, size="64x96"))
+        assert len(first) == 2 and "Compiling the model for 64 x 96 inputs" in first[0][4]
+        overlays, label_map, npz, timing, status, result = first[1]
+        assert status.startswith("Done") and [c for _, c in overlays] == ["cat", "dog"]
+        assert result.logits.shape == (2, 64, 96)
+        # Another image of the same input size and bucket: results only, no notice.
+        second = list(demo.run(picture[::-1], "sofa, cat, dog", "gem", layers=2, size="64x96"))
+        assert len(second) == 1 and second[0][4].startswith("Done")
+
+        expect = pipeline.labels_from_logits(result.logits, 1.0)
+        assert (expect == 0).all()  # at threshold 1 every pixel is background...
+        everything, nothing = demo.relabel(result, 0.0), demo.relabel(result, 1.0)
+        assert pathlib.Path(everything).read_bytes() != pathlib.Path(nothing).read_bytes()
+        assert demo.relabel(None, 0.5) is None
+    finally:
+        demo.close()
+    assert not demo.workdir.exists()
+
+
 # ---------------------------------------------------------------------- in the browser
 
 
