@@ -206,13 +206,20 @@ def test_start_errors_exit_codes(env, case):
 
 
 def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env, monkeypatch):
-    from gem_jax.demo import Demo
+    from gem_jax.demo import Demo, DemoError
 
-    monkeypatch.setenv("GEM_JAX_WEIGHTS", env["env"]["GEM_JAX_WEIGHTS"])
-
+    weights = pathlib.Path(env["root"] / "weights-one-converted")
+    monkeypatch.setenv("GEM_JAX_WEIGHTS", str(weights))
     demo = Demo(str(env["model"]))
     try:
         assert demo.startup_error is None and demo.model_choices() == [str(env["model"])]
+        # A registry model converted on this machine joins the list; a broken one says why.
+        save_native(weights / "ViT-B-32.openai", TINY, init_params(TINY, seed=1))
+        assert demo.model_choices() == [str(env["model"]), "ViT-B/32:openai"]
+        with pytest.raises(DemoError, match="ViT-B"):
+            demo.model("ViT-B/32:openai")  # the tiny model is not a ViT-B/32
+        with pytest.raises(DemoError, match="pick one from the list"):
+            demo.model(str(env["root"]))  # only listed models load: no arbitrary server paths
         picture = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
         first = list(demo.run(picture, "cat\ndog", "gem", layers=2, size="64x96"))
         assert len(first) == 2 and "Compiling the model for 64 x 96 inputs" in first[0][4]
@@ -354,6 +361,12 @@ def test_page_opens_offline_and_says_what_to_download(env, browser, tmp_path):
             page.fill("#prompts textarea", "cat")
             page.click("#run")
             assert "Upload an image first" in _status(page, "Upload an image")
+            page.get_by_text("cat, sofa, remote control").click()  # the bundled example fills both inputs
+            page.wait_for_function("document.querySelector('#prompts textarea').value === 'cat, sofa, remote control'",
+                                   timeout=30_000)
+            page.wait_for_selector("#image img", timeout=30_000)
+            page.locator("#image button[aria-label='Remove Image']").click()
+            page.wait_for_selector("#image img", state="detached", timeout=30_000)
             page.set_input_files("#image input[type=file]", str(write_image(tmp_path / "a.png")))
             page.wait_for_selector("#image img", timeout=30_000)
             page.click("#run")
