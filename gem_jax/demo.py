@@ -22,6 +22,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -185,7 +186,6 @@ class Demo:
         self._compiled: set[tuple] = set()
         self._lock = threading.Lock()
         self._runs = 0
-        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="gem-jax-demo-"))
         self.startup_error: str | None = None
         try:
             self._models[self.initial] = self._load(self.initial)
@@ -193,6 +193,7 @@ class Demo:
             raise
         except DemoError as e:
             self.startup_error = str(e)
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="gem-jax-demo-"))
 
 
     @staticmethod
@@ -402,7 +403,8 @@ def build(demo: Demo):
     layers_max = demo.vision_layers() or 24
     colorbar = visualize.save_png(visualize.colorbar_figure(label="heatmap (min-max scaled per prompt)"),
                                   demo.workdir / "colorbar.png", overwrite=True)
-    with gr.Blocks(title="gem-jax demo", analytics_enabled=False) as page:
+    # Gradio's copies of uploads and results: cleared hourly of files older than an hour.
+    with gr.Blocks(title="gem-jax demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("# gem-jax: GEM heatmaps for many prompts at once\n"
                     "Upload or paste an image, type prompts (one per line or separated by commas) and run. "
                     "The model compiles once per input size and prompt-count bucket (1-8, 9-16, ...).")
@@ -462,6 +464,10 @@ def build(demo: Demo):
     return page
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(args) -> int:
     """``gem-jax demo``: loads the model once, starts the page, prints its URL, serves until Ctrl-C.
 
@@ -496,6 +502,7 @@ def serve(args) -> int:
         if share_url:
             print(f"gem-jax demo: public link {share_url}", flush=True)
         print("gem-jax demo: press Ctrl-C to stop", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the page as Ctrl-C does, tidily
         page.block_thread()
     finally:
         demo.close()
