@@ -133,7 +133,8 @@ def read_upload(value) -> tuple[np.ndarray, str]:
 
 
 def markdown_message(text: str, kind: str = "error") -> str:
-    """A message as Markdown: its indented lines (commands) become code blocks."""
+    """A message as Markdown, its indented lines (commands) as code blocks; ``kind`` picks the
+    lead-in: ``"error"`` (a run failed), ``"model"`` (the model did not load) or ``"info"``."""
     out, code = [], []
     for line in text.splitlines():
         if line.startswith("    "):
@@ -145,7 +146,7 @@ def markdown_message(text: str, kind: str = "error") -> str:
         out.append(line)
     if code:
         out += ["", "```", *code, "```"]
-    prefix = {"error": "**Could not run:** ", "info": ""}[kind]
+    prefix = {"error": "**Could not run:** ", "model": "**The model is not loaded:** ", "info": ""}[kind]
     return prefix + "\n".join(out)
 
 
@@ -408,7 +409,7 @@ def build(demo: Demo):
         gr.Markdown("# gem-jax: GEM heatmaps for many prompts at once\n"
                     "Upload or paste an image, type prompts (one per line or separated by commas) and run. "
                     "The model compiles once per input size and prompt-count bucket (1-8, 9-16, ...).")
-        gr.Markdown(markdown_message(demo.startup_error) if demo.startup_error else "", elem_id="banner",
+        gr.Markdown(markdown_message(demo.startup_error, "model") if demo.startup_error else "", elem_id="banner",
                     visible=demo.startup_error is not None)
         with gr.Row():
             with gr.Column(scale=2):
@@ -455,7 +456,7 @@ def build(demo: Demo):
             try:
                 demo.model(name)
             except DemoError as e:
-                return gr.skip(), markdown_message(str(e))
+                return gr.skip(), markdown_message(str(e), "model")
             n = demo.vision_layers(name)
             return gr.update(maximum=n, value=min(DEFAULTS["layers"], n)), markdown_message(f"Model: {name}.", "info")
 
