@@ -450,7 +450,10 @@ def build(demo: Demo):
         run.click(demo.run, inputs=[image, prompts, method, model, layers, iterations, temperature, size, threshold],
                   outputs=[overlays, label_map, npz, timing, status, result], api_name="segment",
                   preprocess=False, concurrency_limit=1, concurrency_id="model")
-        threshold.release(demo.relabel, inputs=[result, threshold], outputs=[label_map], api_visibility="private")
+        # Dragging or typing a threshold redraws the label map from the last logits; only the
+        # latest value is drawn when several arrive during one drawing.
+        threshold.input(demo.relabel, inputs=[result, threshold], outputs=[label_map], api_visibility="private",
+                        trigger_mode="always_last", show_progress="hidden")
 
         def pick_model(name):
             try:

@@ -334,6 +334,15 @@ def test_page_in_chromium(browser, server, tmp_path):
         assert "Model time" in page.inner_text("#timing")
         assert page.locator("#npz a[download], #npz a.download-link").count() >= 1
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+        # The threshold slider redraws the label map from the last logits.
+        before = page.locator("#label-map img").get_attribute("src")
+        page.fill("#threshold input[type=number]", "0.3")
+        page.press("#threshold input[type=number]", "Enter")
+        page.wait_for_function("s => { const i = document.querySelector('#label-map img'); "
+                               "return i && i.src !== s && i.complete && i.naturalWidth > 0; }", arg=before,
+                               timeout=RUN_TIMEOUT)
+        assert "labels_0.30.png" in page.locator("#label-map img").get_attribute("src")
         target = os.environ.get("GEM_JAX_DEMO_SCREENSHOT")
         if target:
             shutil.copyfile(tmp_path / "demo.png", target)
