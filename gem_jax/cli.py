@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cache_flags(eval_command.add_parser(sub, parents=[common]))
 
+    demo = sub.add_parser("demo", parents=[common], help="a web page to try GEM (needs the demo extra)",
+                          description="Serves a Gradio page: an image, many prompts, every method; overlays, a "
+                                      "label map, the raw logits and the model time. Needs pip install "
+                                      "\"gem-jax[demo]\".")
+    demo.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
+                                                    "(default ViT-B/16:openai)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
+    demo.add_argument("--port", type=argtypes.positive_int, default=7860, help="port (7860)")
+    demo.add_argument("--share", action="store_true", help="also open a public Gradio share link (needs network)")
+    _add_cache_flags(demo)
+
     bench = sub.add_parser("bench", parents=[common], help="time gem-jax (and the reference) on random weights",
                            description="Times gem-jax and, with --reference, gem-torch alternately on identical "
                                        "random weights, pixels and text embeddings; prints a table and "
@@ -542,8 +553,19 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args) -> int:
+    from gem_jax import checkpoints, demo
+
+    try:
+        return demo.serve(args)
+    except checkpoints.UnknownModelError as e:
+        raise UsageError(str(e)) from None
+    except demo.StartError as e:
+        raise RuntimeFailure(str(e)) from None
+
+
 COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

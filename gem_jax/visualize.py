@@ -24,6 +24,7 @@ __all__ = [
     "colorize",
     "overlay",
     "heatmap_grid",
+    "colorbar_figure",
     "label_palette",
     "colorize_labels",
     "label_figure",
@@ -272,6 +273,27 @@ def heatmap_grid(image, heatmaps, titles, *, cmap="jet", alpha=0.5, columns=None
 
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map)
     fig.colorbar(scale, ax=axes, shrink=0.85 if rows == 1 else 0.6, aspect=20 * rows, label="heatmap", pad=0.02)
+    return fig
+
+
+def colorbar_figure(cmap="jet", *, label="heatmap", width=PANEL_INCHES * 2, height=0.75) -> Figure:
+    """A horizontal colour bar from 0 to 1 on its own, as the one :func:`heatmap_grid` shares.
+
+    For pages that show overlays one by one (e.g. in a gallery) and need one scale for all.
+
+    Args:
+      cmap: colour map name or ``Colormap``, as for :func:`overlay`.
+      label: the bar's caption.
+      width, height: figure size in inches.
+
+    Returns:
+      A ``matplotlib.figure.Figure`` (Agg canvas); save it with :func:`save_png`.
+    """
+    colour_map = _get_cmap(cmap)
+    fig = _new_figure(float(width), float(height))
+    ax = fig.add_subplot(1, 1, 1)
+    fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colour_map), cax=ax, orientation="horizontal",
+                 label=label)
     return fig
 
 
