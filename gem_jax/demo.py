@@ -254,8 +254,11 @@ class Demo:
         key = (model_name or self.initial, method, layers, iterations, temperature)
         if key not in self._gems:
             try:
-                self._gems[key] = GEM(model, method=method, layers=layers, iterations=iterations,
-                                      temperature=temperature or None)
+                from gem_jax.methods import ONE_BLOCK
+
+                # the one-block methods change the last block only: the layers slider is not theirs
+                self._gems[key] = GEM(model, method=method, layers=None if method in ONE_BLOCK else layers,
+                                      iterations=iterations, temperature=temperature or None)
             except ValueError as e:
                 raise DemoError(f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
             while len(self._gems) > KEEP_OPTION_SETS:  # drop the least recently used, and its programs
