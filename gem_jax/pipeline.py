@@ -90,8 +90,10 @@ class HeatmapOutput:
     Attributes:
       logits: raw cosine similarities upsampled to the model input size:
         (B, P, H, W) when every image shares a size and a prompt count, else a list
-        of (P_i, H_i, W_i) arrays.
-      heatmaps: ``logits`` min-max scaled per image and prompt, same layout.
+        of (P_i, H_i, W_i) arrays. With ``heatmaps(..., grid=True)``: the patch-grid
+        logits (B, P, h, w) before upsampling (or a list of (P_i, h_i, w_i)).
+      heatmaps: ``logits`` min-max scaled per image and prompt, same layout
+        (``None`` with ``grid=True``).
       prompts: the prompts of each image.
       sizes: the model input size (H, W) of each image.
     """
@@ -205,6 +207,9 @@ class GEM:
                                    in_specs=(P(), P("data"), P("data"), P("data")),
                                    out_specs=(P("data"), P("data")))
         self._maps = jax.jit(per_device, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
+        per_device_grid = jax.shard_map(functools.partial(_grid_logits, self._vit, opts, schedule), mesh=self.mesh,
+                                        in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data"))
+        self._grid = jax.jit(per_device_grid, in_shardings=(replicated, data, data, data), out_shardings=data)
         self._encode_text = jax.jit(lambda p, ids: l2_normalize(self._text.apply({"params": p}, ids)))
 
     @staticmethod
@@ -253,7 +258,7 @@ class GEM:
         return preprocess.target_size(*image.shape[:2], size=size, short_side=short_side,
                                       patch_size=self.model.config.vision.patch_size)
 
-    def heatmaps(self, images, prompts, *, size=None, short_side=None) -> HeatmapOutput:
+    def heatmaps(self, images, prompts, *, size=None, short_side=None, grid: bool = False) -> HeatmapOutput:
         """Where each prompt is in each image.
 
         Args:
@@ -262,6 +267,10 @@ class GEM:
           prompts: one list of strings for all images, or one list per image (the
             lists may differ in length).
           size, short_side: override the object's sizing for this call.
+          grid: return the patch-grid logits (P, h, w) per image instead, without the
+            upsampling to the input size (``heatmaps`` is then ``None``): a fraction of
+            the memory with many prompts. Upsampling them bilinearly to the input size
+            and min-max scaling gives the default output.
         Returns:
           :class:`HeatmapOutput` with raw cosine ``logits`` and min-max ``heatmaps``.
         """
@@ -289,12 +298,18 @@ class GEM:
                     pixels[row] = preprocess.normalize(preprocess.resize(images[i], hw))
                     text[row, :len(sets[i])] = [table[p] for p in sets[i]]
                     mask[row, :len(sets[i])] = True
-                lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
+                if grid:
+                    lg, hm = jax.device_get(self._grid(self._vparams, pixels, text, mask)), None
+                else:
+                    lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
                 for row, i in enumerate(idx):
                     logits[i] = lg[row, :len(sets[i])]
-                    heat[i] = hm[row, :len(sets[i])]
+                    heat[i] = None if hm is None else hm[row, :len(sets[i])]
         if len(set(sizes)) == 1 and len({len(s) for s in sets}) == 1:
-            logits, heat = np.stack(logits), np.stack(heat)
+            logits = np.stack(logits)
+            heat = None if grid else np.stack(heat)
+        elif grid:
+            heat = None
         return HeatmapOutput(logits, heat, sets, sizes)
 
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
@@ -327,6 +342,16 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     if background_threshold is not None:
         labels[probs.max(axis=0) < background_threshold] = 0
     return labels
+
+
+def _grid_logits(vit, opts, schedule, params, pixels, text, mask):
+    """(B, H, W, 3) pixels, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
+    cosine logits; invalid prompts are zero."""
+    grid = vit.grid_shape(pixels)
+    tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None, schedule=schedule)
+    tokens = tokens["gem"] if opts is not None else tokens["clip"]
+    sims = gem_lib.patch_logits(tokens, text, grid)
+    return jnp.where(mask[:, :, None, None], sims, 0.0)
 
 
 def _image_maps(vit, opts, schedule, params, pixels, text, mask):
