@@ -20,6 +20,7 @@ _LAZY = {
     "load": "gem_jax.pipeline",
     "example_image_path": "gem_jax.pipeline",
     "available_models": "gem_jax.checkpoints",
+    "load_results": "gem_jax.batch",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -52,27 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
                      help="with --classes: pixels whose top class probability is below this are background "
                           "(default 0.85)")
-    seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
-                                                   "(default ViT-B/16:openai)")
-    seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
-    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
-    seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
-    seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
-                     help="the paper's tau; default: adaptive")
-    seg.add_argument("--template", default="a photo of a {}.",
-                     help="prompt template with {} ('imagenet' for the 80-template ensemble)")
-    size = seg.add_mutually_exclusive_group()
-    size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
-    size.add_argument("--short-side", type=argtypes.positive_int, default=None,
-                      help="resize the shorter side to this, keeping the aspect")
+    add_model_flags(seg)
     seg.add_argument("--out", default="gem_out", help="output directory (default ./gem_out)")
     seg.add_argument("--save-logits", metavar="FILE.npz", default=None,
                      help="also save raw cosine logits, heatmaps and prompts")
     seg.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays (jet)")
     seg.add_argument("--alpha", type=argtypes.probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
-    seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     seg.add_argument("--force", action="store_true", help="overwrite existing output files")
     _add_cache_flags(seg)
+
+    _add_batch_parser(sub, common)
 
     sub.add_parser("models", parents=[common], help="list the model registry")
 
@@ -107,6 +96,70 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     bench.add_argument("--force", action="store_true", help="overwrite --out")
     return parser
+
+
+def _add_batch_parser(sub, common):
+    b = sub.add_parser(
+        "batch", parents=[common], help="streaming, resumable inference over many images into Parquet",
+        description="Runs GEM over many images into Parquet part files in --out (patch-grid logits per image; "
+                    "optionally label maps and heatmaps). Decoding overlaps the device; a killed run resumes "
+                    "where it stopped when rerun with the same command; --shard splits the work between hosts. "
+                    "Read the results with gem_jax.load_results(DIR) or any Parquet reader.")
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, directories (recursive), glob patterns, .tar shards, or @LIST.txt "
+                        "(one per line)")
+    b.add_argument("-p", "--prompt", dest="prompts", action="extend", nargs="+", default=[], metavar="PROMPT",
+                   help="text to localise; repeat or list several")
+    b.add_argument("--prompts-file", default=None, metavar="FILE", help="prompts, one per line")
+    b.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="class names as the prompts, with label maps (same as -p ... --labels)")
+    b.add_argument("--out", required=True, metavar="DIR", help="output directory (created; resumed if it exists)")
+    add_model_flags(b)
+    b.add_argument("--logits-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the stored logits (float16; float32 for exact values)")
+    b.add_argument("--labels", action="store_true", help="also store a label map per image (PNG, own size)")
+    b.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
+                   help="with --labels: pixels whose top class probability is below this are background (0.85)")
+    b.add_argument("--heatmaps", action="store_true",
+                   help="also store full-size heatmaps (P x input size per image: large)")
+    b.add_argument("--batch-size", type=argtypes.positive_int, default=None,
+                   help="images per forward pass (default: 8 on CPU, 32 per GPU/TPU device)")
+    b.add_argument("--part-size", type=argtypes.positive_int, default=1024,
+                   help="images per part file, the unit of resumption and sharding (1024)")
+    b.add_argument("--shard", default=None, metavar="INDEX/COUNT",
+                   help="do only this host's share, e.g. 0/4 (default: jax.process_index()/process_count())")
+    b.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (TPU pods, SLURM, Kubernetes: see README)")
+    b.add_argument("--workers", type=argtypes.positive_int, default=None,
+                   help="image decoding threads (default: CPU count, at most 16)")
+    b.add_argument("--prefetch", type=argtypes.positive_int, default=None,
+                   help="decoded images kept ready ahead of the device (default: 2 batches + workers)")
+    b.add_argument("--loader", choices=("thread", "grain"), default="thread", help="input pipeline (thread)")
+    b.add_argument("--max-pixels", type=argtypes.positive_int, default=None,
+                   help="refuse images with more pixels (default: Pillow's decompression bomb limit)")
+    b.add_argument("--force", action="store_true", help="delete an existing job in --out and start over")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.add_argument("--log-every", type=argtypes.positive_int, default=1000,
+                   help="without a terminal: a progress line every N images (1000)")
+    _add_cache_flags(b)
+
+
+def add_model_flags(seg):
+    """The model, method, GEM-option, sizing and dtype flags that segment and batch share."""
+    seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
+                                                   "(default ViT-B/16:openai)")
+    seg.add_argument("--method", choices=("gem", "clip"), default="gem", help="GEM or plain CLIP patch tokens")
+    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=6, help="last blocks with the GEM path (6)")
+    seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
+    seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
+                     help="the paper's tau; default: adaptive")
+    seg.add_argument("--template", default="a photo of a {}.",
+                     help="prompt template with {} ('imagenet' for the 80-template ensemble)")
+    size = seg.add_mutually_exclusive_group()
+    size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
+    size.add_argument("--short-side", type=argtypes.positive_int, default=None,
+                      help="resize the shorter side to this, keeping the aspect")
+    seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
 
 
 def _add_cache_flags(p):
@@ -240,6 +293,87 @@ def cmd_segment(args) -> int:
     return EXIT_OK
 
 
+def _batch_prompts(args) -> tuple[list[str], bool]:
+    """(prompts, labels) from -p / --prompts-file / --classes."""
+    prompts = [p.strip() for p in args.prompts]
+    if args.prompts_file:
+        try:
+            lines = pathlib.Path(args.prompts_file).read_text("utf-8").splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror or e}") from None
+        prompts += [ln.strip() for ln in lines if ln.strip()]
+    labels = args.labels
+    if args.classes:
+        if prompts:
+            raise UsageError("give prompts either with -p/--prompts-file or with --classes, not both")
+        prompts, labels = [c.strip() for c in args.classes], True
+    if any(not p for p in prompts):
+        raise UsageError("a prompt is empty; give text such as -p cat")
+    if not prompts:
+        raise UsageError("nothing to localise: give prompts with -p PROMPT, --prompts-file FILE or --classes")
+    if len(set(prompts)) != len(prompts):
+        dup = next(p for p in prompts if prompts.count(p) > 1)
+        raise UsageError(f"the prompt {dup!r} is given twice")
+    return prompts, labels
+
+
+def cmd_batch(args) -> int:
+    from gem_jax import batch
+
+    prompts, labels = _batch_prompts(args)
+    shard = None
+    if args.shard is not None:
+        try:
+            shard = batch.parse_shard(args.shard)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        items = batch.expand_inputs(args.inputs)
+    except batch.InputError as e:
+        raise RuntimeFailure(str(e)) from None
+    if args.distributed:
+        import jax
+
+        try:
+            jax.distributed.initialize()
+        except Exception as e:  # no cluster found, coordinator unreachable, ...
+            raise RuntimeFailure(f"jax.distributed.initialize() failed: {' '.join(str(e).split())}") from None
+    if not args.no_compile_cache:
+        enable_compile_cache(args.compile_cache)
+    from gem_jax import checkpoints, pipeline
+
+    model = _load_model(args.model)
+    try:
+        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+                           temperature=args.temperature, template=args.template, size=args.size,
+                           short_side=args.short_side, dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    opts = batch.BatchOptions(
+        prompts=prompts, part_size=args.part_size, batch_size=args.batch_size, logits_dtype=args.logits_dtype,
+        labels=labels, background_threshold=args.background_threshold, heatmaps=args.heatmaps,
+        workers=args.workers, prefetch=args.prefetch, loader=args.loader, shard=shard, force=args.force,
+        quiet=args.quiet, log_every=args.log_every,
+        **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
+    try:
+        summary = batch.run(gem, items, args.out, opts, model_name=args.model or checkpoints.DEFAULT_MODEL)
+    except batch.JobError as e:
+        raise RuntimeFailure(str(e)) from None
+    index, count = summary.shard
+    where = f"shard {index}/{count}: " if count > 1 else ""
+    if not args.quiet and summary.parts_written:
+        rate = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+        print(f"batch: {where}wrote {summary.parts_written} part(s), {summary.processed} image(s) in "
+              f"{summary.elapsed_s:.1f} s ({rate:.1f} images/s) to {args.out}", file=sys.stderr)
+    if summary.errors:
+        listed = (f"{args.out}/errors.jsonl" if summary.job_complete
+                  else "the error column of the part files; errors.jsonl comes when every shard is done")
+        print(f"batch: {where}{summary.errors} of {summary.images} image(s) failed (see {listed})",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
 def _to_original_size(maps, hw, nearest=False):
     """(..., h, w) maps resized to the image's own (H, W) for display."""
     import numpy as np
@@ -367,7 +501,7 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
             "bench": cmd_bench}
 
 
@@ -376,7 +510,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("gem-jax: error: give a command: segment, models, convert, eval or bench (see gem-jax --help)",
+        print("gem-jax: error: give a command: segment, batch, models, convert, eval or bench (see gem-jax --help)",
               file=sys.stderr)
         return EXIT_USAGE
     try:
