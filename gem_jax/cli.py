@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "writes JSON.")
     bench.add_argument("--arch", default="ViT-B-16", help="architecture (ViT-B-16)")
     bench.add_argument("--size", type=argtypes.size, default=448, help="input size N or HxW (448)")
-    bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
+    bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None,
+                       help="batch sizes (1 4; with --pipeline one size, 8)")
     bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=[1, 8, 64],
                        help="prompt counts (1 8 64)")
     bench.add_argument("--rounds", type=argtypes.positive_int, default=5, help="timed rounds per case (5)")
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-chunk", type=argtypes.positive_int, default=None,
                        help="images per step through the tower (default: the backend's best)")
     bench.add_argument("--no-chunks", action="store_true", help="whole batch and all heads at once")
+    bench.add_argument("--pipeline", action="store_true",
+                       help="instead: the batch job's streaming input against pre-decoded pixels in memory")
+    bench.add_argument("--images", type=argtypes.positive_int, default=200,
+                       help="with --pipeline: JPEG files of 500x375 to stream (200)")
+    bench.add_argument("--workers", type=argtypes.positive_int, default=None,
+                       help="with --pipeline: decoding threads (default: CPU count, at most 16)")
     bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     bench.add_argument("--force", action="store_true", help="overwrite --out")
     return parser
@@ -486,13 +493,23 @@ def cmd_bench(args) -> int:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
-    try:
-        result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
-                           args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
-                           head_chunk=args.head_chunk, image_chunk=args.image_chunk)
-    except RuntimeError as e:
-        raise RuntimeFailure(str(e)) from None
-    print(bench.format_table(result))
+    if args.pipeline:
+        if args.batch is not None and len(args.batch) > 1:
+            raise UsageError("--pipeline takes one --batch size")
+        try:
+            result = bench.pipeline(args.arch, args.size, (args.batch or [8])[0], args.images,
+                                    prompts=args.prompts[0], rounds=args.rounds, workers=args.workers)
+        except RuntimeError as e:
+            raise RuntimeFailure(str(e)) from None
+        print(bench.format_pipeline(result))
+    else:
+        try:
+            result = bench.run(args.arch, args.size, args.batch or [1, 4], args.prompts, args.rounds,
+                               args.reference, args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
+                               head_chunk=args.head_chunk, image_chunk=args.image_chunk)
+        except RuntimeError as e:
+            raise RuntimeFailure(str(e)) from None
+        print(bench.format_table(result))
     if out is not None:
         from gem_jax.eval.runner import write_json
 
