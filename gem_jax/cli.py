@@ -1,4 +1,4 @@
-"""The ``gem-jax`` command: segment, models, convert."""
+"""The ``gem-jax`` command: segment, batch, export, models, convert, eval, bench."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_flags(seg)
 
     _add_batch_parser(sub, common)
+
+    _add_export_parser(sub, common)
 
     sub.add_parser("models", parents=[common], help="list the model registry")
 
@@ -149,6 +151,26 @@ def _add_batch_parser(sub, common):
     b.add_argument("--log-every", type=argtypes.positive_int, default=1000,
                    help="without a terminal: a progress line every N images (1000)")
     _add_cache_flags(b)
+
+
+def _add_export_parser(sub, common):
+    e = sub.add_parser(
+        "export", parents=[common], help="the image program as a serialized jax.export artefact for serving",
+        description="Writes OUT (the serialized program, StableHLO for each platform), OUT.params.npz (its "
+                    "parameters), OUT.json (inputs and outputs) and, with -p, OUT.text.npy (the prompts' "
+                    "embeddings). A serving process loads them with jax.export.deserialize and numpy alone.")
+    add_model_flags(e)
+    e.add_argument("--batch", type=argtypes.positive_int, default=8, help="images per call (8)")
+    e.add_argument("--prompts", type=argtypes.positive_int, default=None, metavar="N",
+                   help="prompts per call (16; with -p: their count)")
+    e.add_argument("-p", "--prompt", dest="prompt_texts", action="extend", nargs="+", default=[],
+                   metavar="PROMPT", help="prompts whose embeddings to write beside the program")
+    e.add_argument("--platforms", default="cpu,cuda,tpu",
+                   help="comma-separated platforms to lower for, present or not (cpu,cuda,tpu)")
+    e.add_argument("--devices", type=argtypes.positive_int, default=1,
+                   help="devices the batch is sharded over (1); on a CPU host, that many CPU devices")
+    e.add_argument("--out", required=True, metavar="FILE", help="the program file (others beside it)")
+    e.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
 def add_model_flags(seg):
@@ -381,6 +403,50 @@ def cmd_batch(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    from gem_jax import export
+
+    bad = [p for p in platforms if p not in export.PLATFORMS]
+    if bad or not platforms:
+        raise UsageError(f"--platforms takes some of {', '.join(export.PLATFORMS)}, got {args.platforms!r}")
+    if args.short_side is not None:
+        raise UsageError("export needs a fixed --size, not --short-side")
+    texts = [t.strip() for t in args.prompt_texts]
+    if any(not t for t in texts):
+        raise UsageError("a prompt is empty")
+    if texts and args.prompts is not None and args.prompts != len(texts):
+        raise UsageError(f"--prompts {args.prompts} but {len(texts)} prompt(s) given with -p")
+    if args.batch % args.devices:
+        raise UsageError(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
+    paths = export.artefact_paths(args.out)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not args.force:
+        raise RuntimeFailure(f"output file exists: {existing[0]}; pass --force to overwrite")
+    import jax
+
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # only affects a CPU backend
+    devices = jax.local_devices()
+    if len(devices) < args.devices:
+        raise UsageError(f"--devices {args.devices} but only {len(devices)} {jax.default_backend()} device(s)")
+    from gem_jax import checkpoints, gem as gem_lib, pipeline
+
+    model = _load_model(args.model)
+    # The CPU's chunked schedule only when the program is for CPUs alone.
+    schedule = "auto" if set(platforms) == {"cpu"} else gem_lib.Schedule()
+    try:
+        gem = pipeline.GEM(model, method=args.method, layers=args.gem_layers, iterations=args.iterations,
+                           temperature=args.temperature, template=args.template, size=args.size,
+                           dtype=args.dtype, schedule=schedule, devices=devices[:args.devices])
+        written = export.write(gem, args.out, batch=args.batch, prompts=texts or args.prompts or 16,
+                               platforms=platforms, model_name=args.model or checkpoints.DEFAULT_MODEL)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"exported for {', '.join(platforms)}: " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
+    return EXIT_OK
+
+
 def _to_original_size(maps, hw, nearest=False):
     """(..., h, w) maps resized to the image's own (H, W) for display."""
     import numpy as np
@@ -518,7 +584,7 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "export": cmd_export, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
             "bench": cmd_bench}
 
 
@@ -527,7 +593,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("gem-jax: error: give a command: segment, batch, models, convert, eval or bench (see gem-jax --help)",
+        print("gem-jax: error: give a command: segment, batch, export, models, convert, eval or bench "
+              "(see gem-jax --help)",
               file=sys.stderr)
         return EXIT_USAGE
     try:
