@@ -375,7 +375,7 @@ def _stack(group, b):
     return pixels
 
 
-def pipeline(arch: str = "ViT-B-32", size: int | tuple[int, int] = 224, batch: int = 8, images: int = 200,
+def pipeline(arch: str | CLIPConfig = "ViT-B-32", size: int | tuple[int, int] = 224, batch: int = 8, images: int = 200,
              image_hw: tuple[int, int] = (375, 500), prompts: int = 8, rounds: int = 2,
              loaders: Sequence[str] = ("thread", "grain"), workers: int | None = None,
              progress: bool = True) -> dict:
@@ -387,7 +387,8 @@ def pipeline(arch: str = "ViT-B-32", size: int | tuple[int, int] = 224, batch: i
     (decoding and resizing on host threads through the batch job's loader while the device
     computes) and ``batch_job`` (the whole ``gem-jax batch`` path: loader, device, float16
     Parquet parts written and renamed). Reports images/s (the median round) and each
-    streaming figure as a fraction of ``in_memory``.
+    streaming figure as a fraction of ``in_memory``. ``arch`` is a standard architecture
+    name or a :class:`CLIPConfig` (random weights either way).
     """
     import shutil
     import sys
@@ -406,7 +407,8 @@ def pipeline(arch: str = "ViT-B-32", size: int | tuple[int, int] = 224, batch: i
             print(msg, file=sys.stderr, flush=True)
 
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    config = architecture(arch)
+    config = architecture(arch) if isinstance(arch, str) else arch
+    arch = arch if isinstance(arch, str) else "custom"
     model = Model(config, init_params(config), Tokenizer.default(config.text.context_length), f"random {arch}")
     gem = GEM(model, size=hw, batch_size=batch)
     b = -(-batch // gem.mesh.size) * gem.mesh.size

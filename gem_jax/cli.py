@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=argtypes.size, default=448, help="input size N or HxW (448)")
     bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None,
                        help="batch sizes (1 4; with --pipeline one size, 8)")
-    bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=[1, 8, 64],
-                       help="prompt counts (1 8 64)")
+    bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=None,
+                       help="prompt counts (1 8 64; with --pipeline one count, 8)")
     bench.add_argument("--rounds", type=argtypes.positive_int, default=5, help="timed rounds per case (5)")
     bench.add_argument("--reference", action="store_true", help="also time gem-torch (needs the test extra)")
     bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
@@ -560,17 +560,17 @@ def cmd_bench(args) -> int:
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
     if args.pipeline:
-        if args.batch is not None and len(args.batch) > 1:
-            raise UsageError("--pipeline takes one --batch size")
+        if (args.batch is not None and len(args.batch) > 1) or (args.prompts is not None and len(args.prompts) > 1):
+            raise UsageError("--pipeline takes one --batch size and one --prompts count")
         try:
             result = bench.pipeline(args.arch, args.size, (args.batch or [8])[0], args.images,
-                                    prompts=args.prompts[0], rounds=args.rounds, workers=args.workers)
+                                    prompts=(args.prompts or [8])[0], rounds=args.rounds, workers=args.workers)
         except RuntimeError as e:
             raise RuntimeFailure(str(e)) from None
         print(bench.format_pipeline(result))
     else:
         try:
-            result = bench.run(args.arch, args.size, args.batch or [1, 4], args.prompts, args.rounds,
+            result = bench.run(args.arch, args.size, args.batch or [1, 4], args.prompts or [1, 8, 64], args.rounds,
                                args.reference, args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
                                head_chunk=args.head_chunk, image_chunk=args.image_chunk)
         except RuntimeError as e:

@@ -36,6 +36,8 @@ class Decoded:
       original_hw: the image's own (height, width) after EXIF orientation.
       input_hw: the model input (height, width).
       error: why the image could not be used, or ``None``.
+      image: the decoded uint8 (H, W, 3) image itself, with ``Sizing(keep_image=True)``
+        (for callers that draw on it, such as overlays).
     """
 
     index: int
@@ -44,6 +46,7 @@ class Decoded:
     original_hw: tuple[int, int] | None = None
     input_hw: tuple[int, int] | None = None
     error: str | None = None
+    image: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +59,14 @@ class Sizing:
       patch_size: the model's patch size.
       max_pixels: images with more pixels than this are refused before decoding
         (decompression bombs).
+      keep_image: also hand over the decoded uint8 image (:attr:`Decoded.image`).
     """
 
     size: int | tuple[int, int] | None
     short_side: int | None
     patch_size: int
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    keep_image: bool = False
 
 
 def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
@@ -81,7 +86,7 @@ def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
         hw = preprocess.target_size(*rgb.shape[:2], size=sizing.size, short_side=sizing.short_side,
                                     patch_size=sizing.patch_size)
         pixels = preprocess.normalize(preprocess.resize(rgb, hw))
-        return Decoded(index, item, pixels, tuple(rgb.shape[:2]), hw)
+        return Decoded(index, item, pixels, tuple(rgb.shape[:2]), hw, image=rgb if sizing.keep_image else None)
     except preprocess.ImageError as e:
         return Decoded(index, item, error=str(e).replace("PIL image: ", ""))
     except UnidentifiedImageError:
