@@ -396,6 +396,8 @@ def run(gem, items: Sequence[inputs_lib.Item], out_dir, opts: BatchOptions, *, m
     if len(set(prompts)) != len(prompts):
         raise JobError("a prompt is given twice")
     index, count = opts.shard or default_shard()
+    if not 0 <= index < count:
+        raise JobError(f"shard index {index} is not in [0, {count})")
     spec = job_spec(gem, model_name, items, opts)
     ranges = inputs_lib.part_ranges(len(items), opts.part_size)
     prepare_directory(out_dir, spec, len(ranges), opts.force)
@@ -444,7 +446,9 @@ def _process(gem, items, ranges, todo, out_dir, opts, spec, say) -> int:
     if not opts.quiet:
         say(f"batch: {total} image(s) in {len(todo)} part(s) to do, batches of {b} on "
             f"{mesh_size} {jax.default_backend()} device(s), {workers} decoding thread(s)")
-    pairs = [(i, items[i]) for j in todo for i in ranges[j]]
+    pairs = ((i, items[i]) for j in todo for i in ranges[j])
+    if opts.loader == "grain":
+        pairs = list(pairs)  # grain indexes a sequence
     stream = loader_lib.stream(pairs, sizing, workers=workers, prefetch=prefetch, loader=opts.loader)
 
     import pyarrow as pa

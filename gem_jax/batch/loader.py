@@ -124,9 +124,10 @@ def stream_grain(fn: Callable, inputs: Sequence, workers: int, prefetch: int) ->
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(prefetch, 1))))
 
 
-def stream(items: Sequence[tuple[int, Item]], sizing: Sizing, *, workers: int, prefetch: int,
+def stream(items: Iterable[tuple[int, Item]], sizing: Sizing, *, workers: int, prefetch: int,
            loader: str = "thread") -> Iterator[Decoded]:
-    """:class:`Decoded` images of ``items`` ((index, item) pairs), in order, decoded ahead."""
+    """:class:`Decoded` images of ``items`` ((index, item) pairs), in order, decoded ahead
+    (``items`` may be a generator for ``"thread"``; grain needs a sequence)."""
     fn = _Decode(sizing)
     if loader == "thread":
         return stream_threads(fn, items, workers, prefetch)
