@@ -304,3 +304,30 @@ def test_tar_shards_equal_the_directory(env, reference, tmp_path):
         j = by_member[str(pathlib.Path(path).relative_to(env["images"]))]
         assert got["logits"][j] == ref["logits"][i] and got["labels_png"][j] == ref["labels_png"][i]
         assert (got["height"][j], got["width"][j]) == (ref["height"][i], ref["width"][i])
+
+
+def test_segment_and_batch_share_the_model_flags():
+    from gem_jax.cli import build_parser
+
+    flags = ["--model", "m", "--method", "clip", "--gem-layers", "3", "--iterations", "2", "--temperature", "0.5",
+             "--template", "a {}", "--short-side", "224", "--dtype", "bfloat16"]
+    parser = build_parser()
+    seg = parser.parse_args(["segment", "x.jpg", "-p", "cat", *flags])
+    bat = parser.parse_args(["batch", "x.jpg", "-p", "cat", "--out", "o", *flags])
+    names = ("model", "method", "gem_layers", "iterations", "temperature", "template", "size", "short_side", "dtype")
+    assert [getattr(seg, n) for n in names] == [getattr(bat, n) for n in names]
+    assert bat.short_side == 224 and bat.temperature == 0.5 and bat.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["x.jpg", "--out", "o"], 2, "nothing to localise"),
+    (["x.jpg", "-p", "cat", "--classes", "dog", "--out", "o"], 2, "not both"),
+    (["x.jpg", "-p", "cat", "-p", "cat", "--out", "o"], 2, "given twice"),
+    (["x.jpg", "-p", "cat", "--shard", "2/2", "--out", "o"], 2, "--shard"),
+    (["missing.jpg", "-p", "cat", "--out", "o"], 1, "input not found: missing.jpg"),
+])
+def test_batch_usage_errors(env, tmp_path, args, code, message):
+    proc = subprocess.run([sys.executable, "-m", "gem_jax.cli", "batch", *args], env=env["env"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
