@@ -386,8 +386,9 @@ def pipeline(arch: str | CLIPConfig = "ViT-B-32", size: int | tuple[int, int] = 
     ``in_memory`` (pixels decoded beforehand, only batching and the device), ``stream_<loader>``
     (decoding and resizing on host threads through the batch job's loader while the device
     computes) and ``batch_job`` (the whole ``gem-jax batch`` path: loader, device, float16
-    Parquet parts written and renamed). Reports images/s (the median round) and each
-    streaming figure as a fraction of ``in_memory``. ``arch`` is a standard architecture
+    Parquet parts written and renamed), in reverse order every other round. Reports images/s (the median round), each
+    streaming figure as a fraction of ``in_memory``, and the process CPU time per image
+    (all threads; on a CPU backend, what the rates would be bound by on an idle machine). ``arch`` is a standard architecture
     name or a :class:`CLIPConfig` (random weights either way).
     """
     import shutil
@@ -451,11 +452,14 @@ def pipeline(arch: str | CLIPConfig = "ViT-B-32", size: int | tuple[int, int] = 
         cases = {"in_memory": in_memory, **{f"stream_{name}": streamed(name) for name in loaders},
                  "batch_job": job}
         times: dict[str, list] = {k: [] for k in cases}
+        cpu: dict[str, list] = {k: [] for k in cases}
         for r in range(rounds):
-            for name, fn in cases.items():
-                t = time.perf_counter()
+            order = list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]  # drift hits all alike
+            for name, fn in order:
+                t, c = time.perf_counter(), time.process_time()
                 n = fn()
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
                 if n != images:
                     raise RuntimeError(f"{name} went through {n} of {images} images")
                 say(f"round {r + 1}/{rounds}: {name}: {images / times[name][-1]:.2f} images/s")
@@ -467,6 +471,7 @@ def pipeline(arch: str | CLIPConfig = "ViT-B-32", size: int | tuple[int, int] = 
         "prompts": prompts, "rounds": rounds, "workers": workers,
         "decode_ms_per_image_one_thread": 1000 * decode_s / images,
         "images_per_s": rates, "times_s": times,
+        "cpu_ms_per_image": {k: 1000 * statistics.median(v) / images for k, v in cpu.items()},
         "fraction_of_in_memory": {k: v / rates["in_memory"] for k, v in rates.items() if k != "in_memory"},
         "machine": {"processor": _cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend(),
@@ -498,10 +503,11 @@ def format_pipeline(result: dict) -> str:
         + (f"; load average {load[0]:.1f} before, {m['load_average_after'][0]:.1f} after" if load else ""),
         f"decoding + resizing alone: {result['decode_ms_per_image_one_thread']:.1f} ms per image on one thread",
         "",
-        "| input path | images/s | of in-memory |",
-        "|---|---:|---:|",
+        "| input path | images/s | of in-memory | process CPU ms per image |",
+        "|---|---:|---:|---:|",
     ]
     for name, rate in result["images_per_s"].items():
         frac = result["fraction_of_in_memory"].get(name)
-        lines.append(f"| {name} | {rate:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} |")
+        lines.append(f"| {name} | {rate:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} "
+                     f"| {result['cpu_ms_per_image'][name]:.0f} |")
     return "\n".join(lines)

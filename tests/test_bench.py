@@ -103,6 +103,7 @@ def test_bench_pipeline_reports_every_input_path(tmp_path):
     assert result["batch"] == 2 and result["images"] == 5 and result["size"] == [32, 32]
     assert set(result["images_per_s"]) == {"in_memory", "stream_thread", "stream_grain", "batch_job"}
     assert set(result["fraction_of_in_memory"]) == {"stream_thread", "stream_grain", "batch_job"}
+    assert set(result["cpu_ms_per_image"]) == set(result["images_per_s"])
     assert all(v > 0 for v in result["images_per_s"].values())
     assert "| stream_thread |" in bench.format_pipeline(result)
     code, _, err = run_cli("--pipeline", "--batch", "2", "4")
