@@ -21,6 +21,7 @@ _LAZY = {
     "example_image_path": "gem_jax.pipeline",
     "available_models": "gem_jax.checkpoints",
     "METHODS": "gem_jax.config",
+    "load_results": "gem_jax.batch",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -80,8 +80,10 @@ def method_kwargs(args: argparse.Namespace) -> dict:
                 feature_surgery=args.feature_surgery)
 
 
-def check_method(args: argparse.Namespace) -> None:
-    """Raises ValueError when the method flags do not fit the method (before any model load)."""
+def check_method(args: argparse.Namespace):
+    """The :class:`gem_jax.methods.Method` of the method flags; raises ValueError when they
+    do not fit the method (before any model load)."""
     from gem_jax.methods import get_method
 
-    get_method(args.method, layers=args.gem_layers, residual=args.residual, mlp=args.mlp, sigma=args.sigma)
+    return get_method(args.method, layers=args.gem_layers, residual=args.residual, mlp=args.mlp, sigma=args.sigma,
+                      iterations=args.iterations, temperature=args.temperature)

@@ -1,4 +1,4 @@
-"""The ``gem-jax`` command: segment, models, convert."""
+"""The ``gem-jax`` command: segment, batch, export, models, convert, eval, bench."""
 
 from __future__ import annotations
 
@@ -59,31 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --classes: drop classes on at most this fraction of the image (SCLIP's; off)")
     seg.add_argument("--pamr", type=argtypes.nonneg_int, default=0, metavar="N",
                      help="with --classes: PAMR iterations on the logits, dilations 8 and 16 (NACLIP: 10; off)")
-    seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
-                                                   "(default ViT-B/16:openai)")
-    argtypes.add_method_arguments(seg)
-    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
-                     help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
-    seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
-    seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
-                     help="the paper's tau; default: adaptive")
-    seg.add_argument("--template", default="a photo of a {}.",
-                     help="prompt template with {} ('imagenet' for the 80-template ensemble, 'imagenet85' for "
-                          "those and 5 scene templates)")
-    size = seg.add_mutually_exclusive_group()
-    size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
-    size.add_argument("--short-side", type=argtypes.positive_int, default=None,
-                      help="resize the shorter side to this, keeping the aspect")
+    add_model_flags(seg)
     seg.add_argument("--out", default="gem_out", help="output directory (default ./gem_out)")
     seg.add_argument("--save-logits", metavar="FILE.npz", default=None,
                      help="also save raw cosine logits, heatmaps and prompts")
     seg.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays (jet)")
     seg.add_argument("--alpha", type=argtypes.probability, default=0.5, help="overlay opacity in [0, 1] (0.5)")
-    seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     seg.add_argument("--force", action="store_true", help="overwrite existing output files")
     seg.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                      help="an unreadable image stops the run (fail) or is skipped and listed at the end (skip)")
     _add_cache_flags(seg)
+
+    _add_batch_parser(sub, common)
+
+    _add_export_parser(sub, common)
 
     sub.add_parser("models", parents=[common], help="list the model registry")
 
@@ -125,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "per-call times in the README's performance section).")
     bench.add_argument("--arch", default="ViT-B-16", help="architecture (ViT-B-16)")
     bench.add_argument("--size", type=argtypes.size, default=448, help="input size N or HxW (448)")
-    bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
-    bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=[1, 8, 64],
-                       help="prompt counts (1 8 64)")
+    bench.add_argument("--batch", type=argtypes.positive_int, nargs="+", default=None,
+                       help="batch sizes (1 4; with --pipeline one size, 8)")
+    bench.add_argument("--prompts", type=argtypes.positive_int, nargs="+", default=None,
+                       help="prompt counts (1 8 64; with --pipeline one count, 8)")
     bench.add_argument("--rounds", type=argtypes.positive_int, default=5, help="timed rounds per case (5)")
     bench.add_argument("--reference", action="store_true", help="also time gem-torch (needs the test extra)")
     bench.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
@@ -139,9 +129,101 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-chunks", action="store_true", help="whole batch and all heads at once")
     bench.add_argument("--method", dest="methods", nargs="+", choices=METHODS, default=["gem"],
                        help="methods to time, each with its official defaults (gem)")
+    bench.add_argument("--pipeline", action="store_true",
+                       help="instead: the batch job's streaming input against pre-decoded pixels in memory")
+    bench.add_argument("--images", type=argtypes.positive_int, default=200,
+                       help="with --pipeline: JPEG files of 500x375 to stream (200)")
+    bench.add_argument("--workers", type=argtypes.positive_int, default=None,
+                       help="with --pipeline: decoding threads (default: CPU count, at most 16)")
     bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     bench.add_argument("--force", action="store_true", help="overwrite --out")
     return parser
+
+
+def _add_batch_parser(sub, common):
+    b = sub.add_parser(
+        "batch", parents=[common], help="streaming, resumable inference over many images into Parquet",
+        description="Runs GEM over many images into Parquet part files in --out (patch-grid logits per image; "
+                    "optionally label maps and heatmaps). Decoding overlaps the device; a killed run resumes "
+                    "where it stopped when rerun with the same command; --shard splits the work between hosts. "
+                    "Read the results with gem_jax.load_results(DIR) or any Parquet reader.")
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, directories (recursive), glob patterns, .tar shards, or @LIST.txt "
+                        "(one per line)")
+    b.add_argument("-p", "--prompt", dest="prompts", action="extend", nargs="+", default=[], metavar="PROMPT",
+                   help="text to localise; repeat or list several")
+    b.add_argument("--prompts-file", default=None, metavar="FILE", help="prompts, one per line")
+    b.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="class names as the prompts, with label maps (same as -p ... --labels)")
+    b.add_argument("--out", required=True, metavar="DIR", help="output directory (created; resumed if it exists)")
+    add_model_flags(b)
+    b.add_argument("--logits-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the stored logits (float16; float32 for exact values)")
+    b.add_argument("--labels", action="store_true", help="also store a label map per image (PNG, own size)")
+    b.add_argument("--background-threshold", type=argtypes.probability, default=0.85,
+                   help="with --labels: pixels whose top class probability is below this are background (0.85)")
+    b.add_argument("--heatmaps", action="store_true",
+                   help="also store full-size heatmaps (P x input size per image: large)")
+    b.add_argument("--batch-size", type=argtypes.positive_int, default=None,
+                   help="images per forward pass (default: 8 on CPU, 32 per GPU/TPU device)")
+    b.add_argument("--part-size", type=argtypes.positive_int, default=1024,
+                   help="images per part file, the unit of resumption and sharding (1024)")
+    b.add_argument("--shard", default=None, metavar="INDEX/COUNT",
+                   help="do only this host's share, e.g. 0/4 (default: jax.process_index()/process_count())")
+    b.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (TPU pods, SLURM, Kubernetes: see README)")
+    b.add_argument("--workers", type=argtypes.positive_int, default=None,
+                   help="image decoding threads (default: CPU count, at most 16)")
+    b.add_argument("--prefetch", type=argtypes.positive_int, default=None,
+                   help="decoded images kept ready ahead of the device (default: 2 batches + workers)")
+    b.add_argument("--loader", choices=("thread", "grain"), default="thread", help="input pipeline (thread)")
+    b.add_argument("--max-pixels", type=argtypes.positive_int, default=None,
+                   help="refuse images with more pixels (default: Pillow's decompression bomb limit)")
+    b.add_argument("--force", action="store_true", help="delete an existing job in --out and start over")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.add_argument("--log-every", type=argtypes.positive_int, default=1000,
+                   help="without a terminal: a progress line every N images (1000)")
+    _add_cache_flags(b)
+
+
+def _add_export_parser(sub, common):
+    e = sub.add_parser(
+        "export", parents=[common], help="the image program as a serialized jax.export artefact for serving",
+        description="Writes OUT (the serialized program, StableHLO for each platform), OUT.params.npz (its "
+                    "parameters), OUT.json (inputs and outputs) and, with -p, OUT.text.npy (the prompts' "
+                    "embeddings). A serving process loads them with jax.export.deserialize and numpy alone.")
+    add_model_flags(e)
+    e.add_argument("--batch", type=argtypes.positive_int, default=8, help="images per call (8)")
+    e.add_argument("--prompts", type=argtypes.positive_int, default=None, metavar="N",
+                   help="prompts per call (16; with -p: their count)")
+    e.add_argument("-p", "--prompt", dest="prompt_texts", action="extend", nargs="+", default=[],
+                   metavar="PROMPT", help="prompts whose embeddings to write beside the program")
+    e.add_argument("--platforms", default="cpu,cuda,tpu",
+                   help="comma-separated platforms to lower for, present or not (cpu,cuda,tpu)")
+    e.add_argument("--devices", type=argtypes.positive_int, default=1,
+                   help="devices the batch is sharded over (1); on a CPU host, that many CPU devices")
+    e.add_argument("--out", required=True, metavar="FILE", help="the program file (others beside it)")
+    e.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def add_model_flags(seg):
+    """The model, method, GEM-option, sizing and dtype flags that segment and batch share."""
+    seg.add_argument("--model", default=None, help="registry name, hub id, local directory or file "
+                                                   "(default ViT-B/16:openai)")
+    argtypes.add_method_arguments(seg)
+    seg.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
+                     help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
+    seg.add_argument("--iterations", type=argtypes.nonneg_int, default=1, help="self-self attention iterations (1)")
+    seg.add_argument("--temperature", type=argtypes.positive_float, default=None,
+                     help="the paper's tau; default: adaptive")
+    seg.add_argument("--template", default="a photo of a {}.",
+                     help="prompt template with {} ('imagenet' for the 80-template ensemble, 'imagenet85' for "
+                          "those and 5 scene templates)")
+    size = seg.add_mutually_exclusive_group()
+    size.add_argument("--size", type=argtypes.size, default=None, help="model input size: N or HxW (default 448)")
+    size.add_argument("--short-side", type=argtypes.positive_int, default=None,
+                      help="resize the shorter side to this, keeping the aspect")
+    seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
 
 
 def _add_cache_flags(p):
@@ -236,7 +318,7 @@ def _check_options(args, out_dir: pathlib.Path) -> None:
         if logits.parent.exists() and not logits.parent.is_dir():
             raise UsageError(f"--save-logits: {logits.parent} is a file, not a directory")
     try:
-        gem_lib.GEMOptions(layers=args.gem_layers, iterations=args.iterations, temperature=args.temperature)
+        argtypes.check_method(args)  # the method's options, GEM's iterations and temperature
         preprocess.target_size(224, 224, size=args.size, short_side=args.short_side)
         pipeline.GEM._templates(args.template)
         visualize.colorize(np.zeros((1, 1)), args.cmap)
@@ -245,9 +327,10 @@ def _check_options(args, out_dir: pathlib.Path) -> None:
 
 
 def _check_depth(args) -> None:
-    depth = _vision_layers(args.model) if args.method == "gem" else None
-    if depth is not None and args.gem_layers > depth:
-        raise UsageError(f"--gem-layers {args.gem_layers} exceeds the model's {depth} vision blocks")
+    blocks = argtypes.check_method(args).blocks
+    depth = _vision_layers(args.model) if blocks > 1 else None
+    if depth is not None and blocks > depth:
+        raise UsageError(f"--gem-layers {blocks} exceeds the model's {depth} vision blocks")
 
 
 def cmd_segment(args) -> int:
@@ -320,10 +403,6 @@ def cmd_segment(args) -> int:
 
     from gem_jax import pipeline
 
-    try:  # a bad method option fails before the (slow) model load
-        argtypes.check_method(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     start = time.perf_counter()
     print(f"loading model {args.model or 'ViT-B/16:openai'} ...", file=sys.stderr)
     model = _load_model(args.model)
@@ -410,6 +489,137 @@ def _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, 
     if args.save_logits:
         _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
     return written
+
+
+def _batch_prompts(args) -> tuple[list[str], bool]:
+    """(prompts, labels) from -p / --prompts-file / --classes."""
+    prompts = [p.strip() for p in args.prompts]
+    if args.prompts_file:
+        try:
+            lines = pathlib.Path(args.prompts_file).read_text("utf-8").splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror or e}") from None
+        prompts += [ln.strip() for ln in lines if ln.strip()]
+    labels = args.labels
+    if args.classes:
+        if prompts:
+            raise UsageError("give prompts either with -p/--prompts-file or with --classes, not both")
+        prompts, labels = [c.strip() for c in args.classes], True
+    if any(not p for p in prompts):
+        raise UsageError("a prompt is empty; give text such as -p cat")
+    if not prompts:
+        raise UsageError("nothing to localise: give prompts with -p PROMPT, --prompts-file FILE or --classes")
+    if len(set(prompts)) != len(prompts):
+        dup = next(p for p in prompts if prompts.count(p) > 1)
+        raise UsageError(f"the prompt {dup!r} is given twice")
+    return prompts, labels
+
+
+def cmd_batch(args) -> int:
+    from gem_jax import batch
+
+    prompts, labels = _batch_prompts(args)
+    shard = None
+    if args.shard is not None:
+        try:
+            shard = batch.parse_shard(args.shard)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        items = batch.expand_inputs(args.inputs)
+    except batch.InputError as e:
+        raise RuntimeFailure(str(e)) from None
+    if args.distributed:
+        import jax
+
+        try:
+            jax.distributed.initialize()
+        except Exception as e:  # no cluster found, coordinator unreachable, ...
+            raise RuntimeFailure(f"jax.distributed.initialize() failed: {' '.join(str(e).split())}") from None
+    try:  # the method's options, before the slow model load
+        argtypes.check_method(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not args.no_compile_cache:
+        enable_compile_cache(args.compile_cache)
+    from gem_jax import checkpoints, pipeline
+
+    model = _load_model(args.model)
+    try:
+        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
+                           iterations=args.iterations,
+                           temperature=args.temperature, template=args.template, size=args.size,
+                           short_side=args.short_side, dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    opts = batch.BatchOptions(
+        prompts=prompts, part_size=args.part_size, batch_size=args.batch_size, logits_dtype=args.logits_dtype,
+        labels=labels, background_threshold=args.background_threshold, heatmaps=args.heatmaps,
+        workers=args.workers, prefetch=args.prefetch, loader=args.loader, shard=shard, force=args.force,
+        quiet=args.quiet, log_every=args.log_every,
+        **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
+    try:
+        summary = batch.run(gem, items, args.out, opts, model_name=args.model or checkpoints.DEFAULT_MODEL)
+    except batch.JobError as e:
+        raise RuntimeFailure(str(e)) from None
+    index, count = summary.shard
+    where = f"shard {index}/{count}: " if count > 1 else ""
+    if not args.quiet and summary.parts_written:
+        rate = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+        print(f"batch: {where}wrote {summary.parts_written} part(s), {summary.processed} image(s) in "
+              f"{summary.elapsed_s:.1f} s ({rate:.1f} images/s) to {args.out}", file=sys.stderr)
+    if summary.errors:
+        listed = (f"{args.out}/errors.jsonl" if summary.job_complete
+                  else "the error column of the part files; errors.jsonl comes when every shard is done")
+        print(f"batch: {where}{summary.errors} of {summary.images} image(s) failed (see {listed})",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    from gem_jax import export
+
+    bad = [p for p in platforms if p not in export.PLATFORMS]
+    if bad or not platforms:
+        raise UsageError(f"--platforms takes some of {', '.join(export.PLATFORMS)}, got {args.platforms!r}")
+    if args.short_side is not None:
+        raise UsageError("export needs a fixed --size, not --short-side")
+    texts = [t.strip() for t in args.prompt_texts]
+    if any(not t for t in texts):
+        raise UsageError("a prompt is empty")
+    if texts and args.prompts is not None and args.prompts != len(texts):
+        raise UsageError(f"--prompts {args.prompts} but {len(texts)} prompt(s) given with -p")
+    if args.batch % args.devices:
+        raise UsageError(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
+    paths = export.artefact_paths(args.out)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not args.force:
+        raise RuntimeFailure(f"output file exists: {existing[0]}; pass --force to overwrite")
+    import jax
+
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # only affects a CPU backend
+    devices = jax.local_devices()
+    if len(devices) < args.devices:
+        raise UsageError(f"--devices {args.devices} but only {len(devices)} {jax.default_backend()} device(s)")
+    from gem_jax import checkpoints, gem as gem_lib, pipeline
+
+    model = _load_model(args.model)
+    # The CPU's chunked schedule only when the program is for CPUs alone.
+    schedule = "auto" if set(platforms) == {"cpu"} else gem_lib.Schedule()
+    try:
+        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
+                           iterations=args.iterations,
+                           temperature=args.temperature, template=args.template, size=args.size,
+                           dtype=args.dtype, schedule=schedule, devices=devices[:args.devices])
+        written = export.write(gem, args.out, batch=args.batch, prompts=texts or args.prompts or 16,
+                               platforms=platforms, model_name=args.model or checkpoints.DEFAULT_MODEL)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"exported for {', '.join(platforms)}: " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
+    return EXIT_OK
 
 
 def _to_original_size(maps, hw, nearest=False):
@@ -536,15 +746,25 @@ def cmd_bench(args) -> int:
         raise RuntimeFailure(f"output file exists: {out}; pass --force to overwrite")
     if args.no_chunks and (args.head_chunk or args.image_chunk):
         raise UsageError("--no-chunks cannot be combined with --head-chunk or --image-chunk")
-    if args.reference and "gem" not in args.methods:
-        raise UsageError("--reference times gem-torch: include gem in --method")
-    try:
-        result = bench.run(args.arch, args.size, args.batch, args.prompts, args.rounds, args.reference,
-                           args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
-                           head_chunk=args.head_chunk, image_chunk=args.image_chunk, methods=args.methods)
-    except RuntimeError as e:
-        raise RuntimeFailure(str(e)) from None
-    print(bench.format_table(result))
+    if args.pipeline:
+        if (args.batch is not None and len(args.batch) > 1) or (args.prompts is not None and len(args.prompts) > 1):
+            raise UsageError("--pipeline takes one --batch size and one --prompts count")
+        try:
+            result = bench.pipeline(args.arch, args.size, (args.batch or [8])[0], args.images,
+                                    prompts=(args.prompts or [8])[0], rounds=args.rounds, workers=args.workers)
+        except RuntimeError as e:
+            raise RuntimeFailure(str(e)) from None
+        print(bench.format_pipeline(result))
+    else:
+        if args.reference and "gem" not in args.methods:
+            raise UsageError("--reference times gem-torch: include gem in --method")
+        try:
+            result = bench.run(args.arch, args.size, args.batch or [1, 4], args.prompts or [1, 8, 64], args.rounds,
+                               args.reference, args.dtype, gem_lib.Schedule() if args.no_chunks else "auto",
+                               head_chunk=args.head_chunk, image_chunk=args.image_chunk, methods=args.methods)
+        except RuntimeError as e:
+            raise RuntimeFailure(str(e)) from None
+        print(bench.format_table(result))
     if out is not None:
         from gem_jax.eval.runner import write_json
 
@@ -564,8 +784,8 @@ def cmd_demo(args) -> int:
         raise RuntimeFailure(str(e)) from None
 
 
-COMMANDS = {"segment": cmd_segment, "models": cmd_models, "convert": cmd_convert, "eval": cmd_eval,
-            "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "export": cmd_export, "models": cmd_models,
+            "convert": cmd_convert, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:
@@ -573,7 +793,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("gem-jax: error: give a command: segment, models, convert, eval or bench (see gem-jax --help)",
+        print("gem-jax: error: give a command: segment, batch, export, models, convert, eval or bench "
+              "(see gem-jax --help)",
               file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -184,7 +184,10 @@ class HeatmapOutput:
       logits: raw cosine similarities upsampled to the model input size (or to each
         image's own size with ``output_size="original"``): (B, P, H, W) when every
         image shares a size and a prompt count, else a list of (P_i, H_i, W_i) arrays.
-      heatmaps: ``logits`` min-max scaled per image and prompt, same layout.
+        With ``heatmaps(..., grid=True)``: the patch-grid logits (B, P, h, w) before
+        upsampling (or a list of (P_i, h_i, w_i)).
+      heatmaps: ``logits`` min-max scaled per image and prompt, same layout
+        (``None`` with ``grid=True``).
       prompts: the prompts of each image.
       sizes: the model input size (H, W) of each image.
     """
@@ -345,6 +348,10 @@ class GEM:
                                    in_specs=(P(), P("data"), P("data"), P("data")),
                                    out_specs=(P("data"), P("data")))
         self._maps = jax.jit(per_device, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
+        per_device_grid = jax.shard_map(functools.partial(_grid_logits, self._vit, opts, schedule, surgery=surgery),
+                                        mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                                        out_specs=P("data"))
+        self._grid = jax.jit(per_device_grid, in_shardings=(replicated, data, data, data), out_shardings=data)
 
     @staticmethod
     def _templates(template) -> tuple[str, ...]:
@@ -420,7 +427,7 @@ class GEM:
                 f"short side, schedule=Schedule(head_chunk=1, image_chunk=1), a smaller batch_size, or pass "
                 f"memory_limit=None to try anyway")
 
-    def heatmaps(self, images, prompts, *, size=None, short_side=None, output_size: str = "input") -> HeatmapOutput:
+    def heatmaps(self, images, prompts, *, size=None, short_side=None, output_size: str = "input", grid: bool = False) -> HeatmapOutput:
         """Where each prompt is in each image.
 
         Args:
@@ -431,11 +438,17 @@ class GEM:
           size, short_side: override the object's sizing for this call.
           output_size: ``"input"``, maps at the model input size; ``"original"``, each
             image's maps resized (bilinearly) to that image's own height and width.
+          grid: return the patch-grid logits (P, h, w) per image instead, without the
+            upsampling to the input size (``heatmaps`` is then ``None``): a fraction of
+            the memory with many prompts. Upsampling them bilinearly to the input size
+            and min-max scaling gives the default output.
         Returns:
           :class:`HeatmapOutput` with raw cosine ``logits`` and min-max ``heatmaps``.
         """
         if output_size not in ("input", "original"):
             raise ValueError(f"output_size must be 'input' or 'original', got {output_size!r}")
+        if grid and output_size != "input":
+            raise ValueError("grid=True returns the patch grid; output_size applies to the upsampled maps")
         images = preprocess.as_image_list(images)
         sets = _prompt_sets(prompts, len(images))
         sizes = [self._input_size(im, size, short_side) for im in images]
@@ -468,24 +481,29 @@ class GEM:
                         if chunk:
                             text[row, :len(chunk)] = [table[p] for p in chunk]
                             mask[row, :len(chunk)] = True
-                    lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
+                    if grid:
+                        lg, hm = jax.device_get(self._grid(self._vparams, pixels, text, mask)), None
+                    else:
+                        lg, hm = jax.device_get(self._maps(self._vparams, pixels, text, mask))
                     if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
                         raise FloatingPointError("the model produced NaN or infinite similarities; check its "
                                                  "weights and the options (temperature, dtype)")
                     for row, i in enumerate(idx):
                         n = len(sets[i][p0:p0 + p_bucket])
-                        parts[i].append((lg[row, :n], hm[row, :n]))
+                        parts[i].append((lg[row, :n], None if hm is None else hm[row, :n]))
                 for i in idx:
-                    pieces = parts[i]
-                    logits[i] = pieces[0][0] if len(pieces) == 1 else np.concatenate([lg for lg, _ in pieces])
-                    heat[i] = pieces[0][1] if len(pieces) == 1 else np.concatenate([hm for _, hm in pieces])
+                    logits[i] = np.concatenate([lg for lg, _ in parts[i]])
+                    heat[i] = None if grid else np.concatenate([hm for _, hm in parts[i]])
         shapes = sizes
         if output_size == "original":
             shapes = [im.shape[:2] for im in images]
             logits = [resize_maps(x, hw) for x, hw in zip(logits, shapes)]
             heat = [resize_maps(x, hw) for x, hw in zip(heat, shapes)]
         if len(set(shapes)) == 1 and len({len(s) for s in sets}) == 1:
-            logits, heat = np.stack(logits), np.stack(heat)
+            logits = np.stack(logits)
+            heat = None if grid else np.stack(heat)
+        elif grid:
+            heat = None
         return HeatmapOutput(logits, heat, sets, sizes)
 
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
@@ -585,10 +603,10 @@ def labels_from_logits(logits: np.ndarray, background_threshold: float | None = 
     return labels
 
 
-def _image_maps(vit, opts, schedule, params, pixels, text, mask, surgery=None):
-    """(B, H, W, 3) pixels and per-image text sets (B, P, D) with validity mask (B, P)
-    -> (logits, heatmaps), each (B, P, H, W); invalid prompts are zero. With ``surgery``
-    (the empty prompt's embedding), CLIP Surgery's feature surgery replaces the cosines."""
+def _patch_sims(vit, opts, schedule, params, pixels, text, mask, surgery=None):
+    """(B, H, W, 3) pixels, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
+    cosine logits (CLIP Surgery's feature surgery in their place with ``surgery``, the
+    empty prompt's embedding); invalid prompts are zero."""
     grid = vit.grid_shape(pixels)
     tokens = gem_lib.vision_tokens(vit, params, pixels, opts, want_clip=opts is None, schedule=schedule)
     tokens = tokens["gem"] if opts is not None else tokens["clip"]
@@ -600,8 +618,18 @@ def _image_maps(vit, opts, schedule, params, pixels, text, mask, surgery=None):
             from gem_jax.methods import masked_feature_surgery
 
             sims = masked_feature_surgery(tok, txt, valid, surgery).reshape(-1, *grid)
-        maps = resize_2d(sims, pixels.shape[1:3], "bilinear", axes=(-2, -1))
-        maps = jnp.where(valid[:, None, None], maps, 0.0)
-        return maps, gem_lib.min_max(maps)
+        return jnp.where(valid[:, None, None], sims, 0.0)
 
     return jax.vmap(one_image)(tokens, text, mask)
+
+
+_grid_logits = _patch_sims
+
+
+def _image_maps(vit, opts, schedule, params, pixels, text, mask, surgery=None):
+    """(B, H, W, 3) pixels and per-image text sets (B, P, D) with validity mask (B, P)
+    -> (logits, heatmaps), each (B, P, H, W): :func:`_patch_sims` upsampled bilinearly to
+    the input size, and min-max scaled; invalid prompts are zero."""
+    sims = _patch_sims(vit, opts, schedule, params, pixels, text, mask, surgery)
+    maps = resize_2d(sims, pixels.shape[1:3], "bilinear", axes=(-2, -1))
+    return maps, gem_lib.min_max(maps)

@@ -98,3 +98,21 @@ def test_chunk_overrides_replace_the_automatic_schedule():
     assert schedule() == {"head_chunk": None, "image_chunk": None}
     assert schedule(head_chunk=2) == {"head_chunk": 2, "image_chunk": None}
     assert schedule(schedule=gem_lib.Schedule(4, 1), image_chunk=2) == {"head_chunk": 4, "image_chunk": 2}
+
+
+
+def test_bench_pipeline_reports_every_input_path(tmp_path):
+    """A tiny random CLIP: the streaming comparison runs end to end (no timing asserted)."""
+    from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+
+    tiny = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=6, heads=2),
+                      text=TextConfig(width=32, layers=1, heads=2), embed_dim=32)
+    result = bench.pipeline(tiny, 32, batch=2, images=5, image_hw=(60, 80), prompts=2, rounds=1, progress=False)
+    assert result["batch"] == 2 and result["images"] == 5 and result["size"] == [32, 32]
+    assert set(result["images_per_s"]) == {"in_memory", "stream_thread", "stream_grain", "batch_job"}
+    assert set(result["fraction_of_in_memory"]) == {"stream_thread", "stream_grain", "batch_job"}
+    assert set(result["cpu_ms_per_image"]) == set(result["images_per_s"])
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert "| stream_thread |" in bench.format_pipeline(result)
+    code, _, err = run_cli("--pipeline", "--batch", "2", "4")
+    assert code == 2 and "one --batch" in err

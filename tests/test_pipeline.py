@@ -192,3 +192,22 @@ def test_heatmaps_at_the_original_image_size(model):
     assert same.logits.shape == (2, 1, 40, 56)  # one size: stacked
     with pytest.raises(ValueError, match="output_size"):
         g.heatmaps(image(), ["cat"], output_size="native")
+
+
+def test_grid_logits_upsample_to_the_heatmaps(model):
+    from gem_jax.models.layers import resize_matrix
+
+    g = GEM(model, layers=2, size=(32, 48))
+    images, prompts = [image(), image(seed=1)], ["cat", "dog", "car"]
+    with jax.default_matmul_precision("highest"):
+        full = g.heatmaps(images, prompts)
+        grid = g.heatmaps(images, prompts, grid=True)
+    assert grid.logits.shape == (2, 3, 4, 6) and grid.heatmaps is None and grid.sizes == full.sizes
+    up = np.einsum("Hh,bphw,Ww->bpHW", resize_matrix(4, 32, "bilinear").astype(np.float64),
+                   grid.logits.astype(np.float64), resize_matrix(6, 48, "bilinear").astype(np.float64))
+    np.testing.assert_allclose(up, full.logits, atol=1e-5)
+    lo, hi = up.min(axis=(2, 3), keepdims=True), up.max(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose((up - lo) / (hi - lo), full.heatmaps, atol=1e-5)
+    ragged = g.heatmaps(images, [["cat"], ["dog", "car"]], grid=True)
+    assert [lg.shape for lg in ragged.logits] == [(1, 4, 6), (2, 4, 6)] and ragged.heatmaps is None
+    np.testing.assert_allclose(ragged.logits[1], grid.logits[1, 1:], atol=1e-6)
