@@ -525,6 +525,9 @@ class GEM:
         """
         if isinstance(class_names, str):
             class_names = [class_names]
+        if not isinstance(class_names, (list, tuple)):
+            raise ValueError(f"class names must be a list of strings (or of lists of synonyms), got "
+                             f"{type(class_names).__name__}")
         groups = [[c] if isinstance(c, str) else list(c) for c in class_names]
         if not groups or not all(groups):
             raise ValueError("every class needs at least one name")

@@ -116,7 +116,8 @@ def job_spec(gem, model_name: str, items: Sequence[inputs_lib.Item], opts: Batch
     from gem_jax import __version__
 
     # the method's whole description (blocks, attention and its options, residual, MLP, ...)
-    options = {**dataclasses.asdict(gem.spec), "feature_surgery": gem.feature_surgery}
+    spec = dataclasses.asdict(gem.spec)
+    options = {"layers": spec.pop("blocks"), **spec, "feature_surgery": gem.feature_surgery}
     return _jsonable({
         "model": {"name": model_name, "fingerprint": model_fingerprint(gem.model),
                   "config": dataclasses.asdict(gem.model.config)},
