@@ -287,6 +287,14 @@ def tower(arch: str, layers: int):
         model = openclip_model(dict(layers=layers, width=768, patch_size=patch, image_size=224, head_width=64),
                                text=dict(width=128, heads=2, layers=2),
                                seed=layers + patch, quick_gelu=True)
+        # The perturbation makes q and k so large that the last block's attention is
+        # nearly one-hot, where NACLIP's neighbourhood term (at most 1) would vanish
+        # below the tolerance; smaller q and k there keep every term of every method
+        # visible in the logits.
+        with torch.no_grad():
+            attn = model.visual.transformer.resblocks[-1].attn
+            attn.in_proj_weight[:2 * attn.embed_dim] *= 0.1
+            attn.in_proj_bias[:2 * attn.embed_dim] *= 0.1
         _MODELS[key] = (model, twin(model, quick_gelu=True, head_width=64))
     return _MODELS[key]
 
@@ -337,6 +345,13 @@ def test_clipsurgery_default_six_blocks(parity):
 ])
 def test_official_switches(parity, name, port_kwargs, kwargs):
     assert check(parity, name, "B32", (320, 480), port_kwargs=port_kwargs, **kwargs) <= LOGIT_TOL
+    # the switch changes the result, so the check above could tell the settings apart
+    model, jm = tower("B32", 2)
+    image = random_image(320, 480, seed=322)
+    with jax.default_matmul_precision("highest"):
+        switched = GEM(jm, method=name, size=(320, 480), template="{}", **kwargs).heatmaps(image, PROMPTS).logits
+        default = GEM(jm, method=name, size=(320, 480), template="{}").heatmaps(image, PROMPTS).logits
+    assert np.abs(switched - default).max() > 100 * LOGIT_TOL
 
 
 def test_feature_surgery_matches_official_function(parity):
