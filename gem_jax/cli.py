@@ -382,17 +382,19 @@ def cmd_segment(args) -> int:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise RuntimeFailure(f"output file exists: {existing[0]}{more}; pass --force to overwrite")
 
-    # Decode every image before the (slow) model load, so a bad file fails fast.
-    images, kept, skipped = [], [], []
+    # A cheap check before the (slow) model load: every file is opened and its header read
+    # (format and size, no pixels), so a missing, unreadable or non-image file fails fast;
+    # the pixels are decoded later, while the model runs (see _segment_images).
+    dims, kept, skipped = [], [], []
     for path, plan in zip(paths, plans):
         try:
-            images.append(preprocess.load_image(path))
+            dims.append(_probe_image(path))
             kept.append((path, plan))
         except preprocess.ImageError as e:
             if args.on_error == "fail":
                 raise RuntimeFailure(f"{e} (--on-error skip goes on without it)") from None
             skipped.append(f"{path}: {e}")
-    if not images:
+    if not kept:
         raise RuntimeFailure(f"none of the {len(paths)} image(s) could be read: {skipped[0]}")
     paths, plans = [p for p, _ in kept], [plan for _, plan in kept]
     _check_depth(args)
@@ -400,6 +402,8 @@ def cmd_segment(args) -> int:
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
     import time
+
+    import numpy as np
 
     from gem_jax import pipeline
 
@@ -419,9 +423,10 @@ def cmd_segment(args) -> int:
                            short_side=args.short_side, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    try:  # every image's memory need, before anything is computed
-        for image in images:
-            gem.check_memory(gem._input_size(image, None, None), 1, len(set(prompts) | set(classes or ())))
+    try:  # every image's memory need (from its header's size), before anything is computed
+        for hw in dict.fromkeys(dims):
+            shape = np.broadcast_to(np.zeros((), np.uint8), (*hw, 3))  # a size without pixels
+            gem.check_memory(gem._input_size(shape, None, None), 1, len(set(prompts) | set(classes or ())))
     except pipeline.MemoryLimitError as e:
         raise RuntimeFailure(str(e)) from None
 
@@ -429,11 +434,12 @@ def cmd_segment(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     _files.remove_stale(out_dir)  # leftovers of a killed run
     try:
-        written = _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, note)
+        written, failed = _segment_images(args, gem, paths, plans, prompts, classes, out_dir, note)
     except BaseException:
         if made and not any(out_dir.iterdir()):
             out_dir.rmdir()  # leave no empty output directory behind
         raise
+    skipped += failed
     print(f"wrote {written} file(s) to {out_dir}" + (f" and {args.save_logits}" if args.save_logits else "")
           + f" in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if skipped:
@@ -441,54 +447,212 @@ def cmd_segment(args) -> int:
     return EXIT_OK
 
 
-def _segment_images(args, gem, images, paths, plans, prompts, classes, out_dir, note) -> int:
-    """Writes every image's pictures (and the logits file); returns the number of files written."""
+#: Images decoded ahead of the model by segment's loader threads: what bounds its memory.
+SEGMENT_PREFETCH = 4
+
+
+def _probe_image(path) -> tuple[int, int]:
+    """The (height, width) an image file's header gives, checked without decoding its pixels:
+    Pillow opens it and verifies its structure (a PNG's chunks and their checksums, so a
+    truncated one is caught; a JPEG's damage is only found when decoded). The size is for the
+    memory check, which does not depend on the orientation. Raises
+    :class:`gem_jax.preprocess.ImageError` in ``load_image``'s words."""
+    from PIL import Image
+
+    from gem_jax import preprocess
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise preprocess.ImageError(f"image file not found: {path}")
+    if path.is_dir():
+        raise preprocess.ImageError(f"{path} is a directory, not an image file")
+
+    def one_line(e):
+        return " ".join(str(e).split()) or type(e).__name__
+
+    try:
+        im = Image.open(path)
+    except Exception as e:  # UnidentifiedImageError, PermissionError, an empty file, ...
+        raise preprocess.ImageError(f"cannot read image {path}: {one_line(e)}") from e
+    try:
+        with im:
+            w, h = im.size
+            im.verify()
+    except Exception as e:  # damaged data past the header
+        raise preprocess.ImageError(f"cannot decode image {path}: {one_line(e)}") from e
+    return h, w
+
+
+def _segment_images(args, gem, paths, plans, prompts, classes, out_dir, note) -> tuple[int, list[str]]:
+    """Decodes the images on loader threads, a few ahead of the model, and writes each one's
+    pictures (and its logits) as soon as it is done; returns (files written, skipped images)."""
     import time
 
     import numpy as np
 
     from gem_jax import pipeline, visualize
+    from gem_jax.batch import inputs as inputs_lib
+    from gem_jax.batch import loader
 
     # one tower pass per image serves both: the label map comes from the classes' logits
     wanted = prompts + [c for c in dict.fromkeys(classes or []) if c not in prompts]
     column = {p: i for i, p in enumerate(wanted)}
-    all_logits, all_heat, sizes, compiled, written = [], [], [], set(), 0
-    for image, path, (overlays, grid, labels_path) in _progress(list(zip(images, paths, plans)), "segment"):
-        hw = gem._input_size(image, None, None)
-        tick = time.perf_counter()
-        if hw not in compiled:
-            cached = "" if args.no_compile_cache else "; later runs read the compile cache"
-            print(f"compiling for {hw[0]}x{hw[1]} (first image of this size{cached}) ...", file=sys.stderr)
-        out = gem.heatmaps(image, wanted)
-        logits, heat = np.asarray(out.logits[0]), np.asarray(out.heatmaps[0])
-        if hw not in compiled:
-            compiled.add(hw)
-            print(f"first {hw[0]}x{hw[1]} image took {time.perf_counter() - tick:.1f} s", file=sys.stderr)
-        if prompts:
-            logits, heat = logits[:len(prompts)], heat[:len(prompts)]
-            all_logits.append(logits)
-            all_heat.append(heat)
-            sizes.append(out.sizes[0])
-            shown = _to_original_size(heat, image.shape[:2])
-            for p_idx, target in enumerate(overlays):
-                visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
-                                   target, overwrite=args.force)
+    # The loader hands over the decoded image; GEM.heatmaps resizes it itself (with its cap on
+    # the long side), so the loader's own model-input pixels are asked at the smallest size, one
+    # patch. No pixel limit of our own: Pillow's, as in GEM.heatmaps, refuses decompression bombs.
+    patch = gem.model.config.vision.patch_size
+    sizing = loader.Sizing(patch, None, patch, max_pixels=sys.maxsize, keep_image=True)
+    workers = max(1, min(SEGMENT_PREFETCH, os.cpu_count() or 1))
+    stream = loader.stream(((i, inputs_lib.Item(str(p), str(p))) for i, p in enumerate(paths)), sizing,
+                           workers=workers, prefetch=SEGMENT_PREFETCH)
+    logits_file = _LogitsWriter(pathlib.Path(args.save_logits), prompts, args.force) if args.save_logits else None
+    compiled, written, skipped, done = set(), 0, [], 0
+    try:
+        for path, (overlays, grid, labels_path) in _progress(list(zip(paths, plans)), "segment"):
+            d = next(stream)
+            if d.error is not None:
+                message = _decode_error(path, d.error)
+                if args.on_error == "fail":
+                    raise RuntimeFailure(f"{message} (--on-error skip goes on without it)")
+                skipped.append(f"{path}: {message}")
+                continue
+            image, d.pixels, d.image = d.image, None, None  # segment resizes itself (as GEM.heatmaps does)
+            hw = gem._input_size(image, None, None)
+            tick = time.perf_counter()
+            if hw not in compiled:
+                cached = "" if args.no_compile_cache else "; later runs read the compile cache"
+                print(f"compiling for {hw[0]}x{hw[1]} (first image of this size{cached}) ...", file=sys.stderr)
+            try:
+                out = gem.heatmaps(image, wanted)
+            except pipeline.MemoryLimitError as e:
+                raise RuntimeFailure(str(e)) from None
+            logits, heat = np.asarray(out.logits[0]), np.asarray(out.heatmaps[0])
+            if hw not in compiled:
+                compiled.add(hw)
+                print(f"first {hw[0]}x{hw[1]} image took {time.perf_counter() - tick:.1f} s", file=sys.stderr)
+            done += 1
+            if prompts:
+                logits, heat = logits[:len(prompts)], heat[:len(prompts)]
+                if logits_file is not None:
+                    logits_file.add(logits, heat, path, out.sizes[0])
+                shown = _to_original_size(heat, image.shape[:2])
+                for p_idx, target in enumerate(overlays):
+                    visualize.save_png(visualize.overlay(image, shown[p_idx], cmap=args.cmap, alpha=args.alpha),
+                                       target, overwrite=args.force)
+                    written += 1
+                fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha, title=note)
+                visualize.save_png(fig, grid, overwrite=args.force)
                 written += 1
-            fig = visualize.heatmap_grid(image, shown, prompts, cmap=args.cmap, alpha=args.alpha, title=note)
-            visualize.save_png(fig, grid, overwrite=args.force)
-            written += 1
-        if classes:
-            class_logits = np.asarray(out.logits[0])[[column[c] for c in classes]]
-            labels = pipeline.label_map(image, class_logits, args.background_threshold,
-                                        logit_scale=args.logit_scale, area_threshold=args.area_threshold,
-                                        pamr_iterations=args.pamr)
-            labels = _to_original_size(labels, image.shape[:2], nearest=True)
-            fig = visualize.label_figure(image, labels, classes, title=note)
-            visualize.save_png(fig, labels_path, overwrite=args.force)
-            written += 1
-    if args.save_logits:
-        _save_logits(pathlib.Path(args.save_logits), all_logits, all_heat, prompts, paths, sizes, args.force)
-    return written
+            if classes:
+                class_logits = np.asarray(out.logits[0])[[column[c] for c in classes]]
+                labels = pipeline.label_map(image, class_logits, args.background_threshold,
+                                            logit_scale=args.logit_scale, area_threshold=args.area_threshold,
+                                            pamr_iterations=args.pamr)
+                labels = _to_original_size(labels, image.shape[:2], nearest=True)
+                fig = visualize.label_figure(image, labels, classes, title=note)
+                visualize.save_png(fig, labels_path, overwrite=args.force)
+                written += 1
+        if not done:
+            raise RuntimeFailure(f"none of the {len(paths)} image(s) could be read: {skipped[0]}")
+        if logits_file is not None:
+            logits_file.commit()
+    finally:
+        if logits_file is not None:
+            logits_file.abort()
+        stream.close()
+    return written, skipped
+
+
+def _decode_error(path, reason: str) -> str:
+    """The message for an image the loader could not decode: ``load_image``'s own words for it
+    (the same as before decoding was streamed), read again for this rare case."""
+    from gem_jax import preprocess
+
+    try:
+        preprocess.load_image(path)
+    except preprocess.ImageError as e:
+        return str(e)
+    return f"cannot read image {path}: {reason}"
+
+
+class _LogitsWriter:
+    """Writes segment's ``--save-logits`` file without holding every image's arrays: each
+    image's logits and heatmaps go to ``.npy`` files in a temporary directory beside the
+    target as they come, and :meth:`commit` streams them into the ``.npz`` (the schema of
+    :func:`_save_logits`), atomically. :meth:`abort` removes what is left."""
+
+    def __init__(self, path: pathlib.Path, prompts, force: bool):
+        self.path, self.prompts, self.force = path, list(prompts), force
+        self.made_parent = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _files.remove_stale(path.parent)
+        self.temp = _files.make_temp_dir(path)
+        self.images, self.sizes, self.shapes = [], [], []
+
+    def add(self, logits, heatmaps, image_path, size) -> None:
+        """Stores one image's (P, H, W) logits and heatmaps."""
+        import numpy as np
+
+        i = len(self.images)
+        np.save(self.temp / f"logits_{i}.npy", np.ascontiguousarray(logits))
+        np.save(self.temp / f"heatmaps_{i}.npy", np.ascontiguousarray(heatmaps))
+        self.images.append(str(image_path))
+        self.sizes.append(tuple(size))
+        self.shapes.append((logits.shape, logits.dtype, heatmaps.shape, heatmaps.dtype))
+
+    def commit(self) -> None:
+        """Assembles the ``.npz`` from the stored arrays and renames it into place."""
+        import zipfile
+
+        import numpy as np
+
+        if self.path.exists() and not self.force:
+            raise RuntimeFailure(f"output file exists: {self.path}; pass --force to overwrite")
+        small = {"prompts": np.array(self.prompts), "images": np.array(self.images),
+                 "sizes": np.array(self.sizes, dtype=np.int32)}
+        n = len(self.images)
+        stacked = len(set(self.sizes)) == 1 and len(set(self.shapes)) == 1
+
+        def copy_body(dst, name):  # an .npy file's data, without its header
+            with open(self.temp / name, "rb") as src:
+                if np.lib.format.read_magic(src) == (1, 0):
+                    np.lib.format.read_array_header_1_0(src)
+                else:
+                    np.lib.format.read_array_header_2_0(src)
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+
+        def write(f):
+            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key, value in small.items():
+                    with zf.open(f"{key}.npy", "w", force_zip64=True) as dst:
+                        np.lib.format.write_array(dst, value, allow_pickle=False)
+                if stacked:
+                    for key, which in (("logits", 0), ("heatmaps", 2)):
+                        shape, dtype = self.shapes[0][which], self.shapes[0][which + 1]
+                        with zf.open(f"{key}.npy", "w", force_zip64=True) as dst:
+                            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                      "shape": (n, *shape)}
+                            np.lib.format.write_array_header_1_0(dst, header)
+                            for i in range(n):
+                                copy_body(dst, f"{key}_{i}.npy")
+                else:
+                    for i in range(n):
+                        for key in ("logits", "heatmaps"):
+                            with zf.open(f"{key}_{i}.npy", "w", force_zip64=True) as dst, \
+                                    open(self.temp / f"{key}_{i}.npy", "rb") as src:
+                                while chunk := src.read(1 << 20):
+                                    dst.write(chunk)
+
+        _files.atomic_write(self.path, write)
+
+    def abort(self) -> None:
+        """Removes the temporary directory (and a parent directory made for nothing)."""
+        import shutil
+
+        shutil.rmtree(self.temp, ignore_errors=True)
+        if self.made_parent and self.path.parent.exists() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
 
 def _batch_prompts(args) -> tuple[list[str], bool]:

@@ -255,3 +255,83 @@ def test_convert_random_then_segment_labels_the_pictures(env, tmp_path, monkeypa
                             "--out", tmp_path / "o", "--no-compile-cache"], capsys)
     assert code == 0, err
     assert len(titles) == 2 and all(t and "RANDOM weights" in t for t in titles)
+
+
+def test_segment_streams_decoding_a_bounded_number_of_images_ahead(env, tmp_path, monkeypatch, capsys):
+    from gem_jax import cli, pipeline, preprocess
+
+    n = 12
+    paths = [write_image(tmp_path / f"im{i:02d}.png", seed=i) for i in range(n)]
+    decoded, at_call = [], []
+    load_image, heatmaps = preprocess.load_image, pipeline.GEM.heatmaps
+
+    def counting_load(src):
+        if not isinstance(src, np.ndarray):  # a file or a PIL image: a decode (not GEM's own array check)
+            decoded.append(src)
+        return load_image(src)
+
+    def counting_heatmaps(self, images, prompts, **kw):
+        at_call.append(len(decoded))
+        return heatmaps(self, images, prompts, **kw)
+
+    monkeypatch.setattr(preprocess, "load_image", counting_load)
+    monkeypatch.setattr(pipeline.GEM, "heatmaps", counting_heatmaps)
+    code, err = in_process(["segment", *paths, "-p", "cat", "--model", env["model"], "--gem-layers", "1",
+                            "--size", "32", "--out", tmp_path / "o", "--no-compile-cache"], capsys)
+    assert code == 0, err
+    assert len(decoded) == n and len(at_call) == n  # each image decoded once, one model call each
+    assert 1 <= at_call[0] < n  # the first result did not wait for every image to be decoded
+    # at most the loader's prefetch ahead of the model at any time: memory does not grow with n
+    assert all(count <= k + 1 + cli.SEGMENT_PREFETCH for k, count in enumerate(at_call)), at_call
+    assert len(files(tmp_path / "o")) == 2 * n
+
+
+def test_segment_stops_or_skips_on_a_bad_image_found_while_streaming(env, tmp_path, capsys):
+    good = [write_image(tmp_path / f"ok{i}.png", seed=i) for i in range(2)]
+    data = write_image(tmp_path / "whole.jpg", 64, 64).read_bytes()
+    cut = tmp_path / "cut.jpg"  # a valid header: only decoding finds the damage (a PNG's is found up front)
+    cut.write_bytes(data[: len(data) // 2])
+    (tmp_path / "whole.jpg").unlink()
+    base = ["segment", good[0], cut, good[1], "-p", "cat", "--model", env["model"], "--gem-layers", "1",
+            "--size", "32", "--no-compile-cache"]
+    code, err = in_process([*base, "--out", tmp_path / "fail", "--save-logits", tmp_path / "fail.npz"], capsys)
+    assert code == 1 and f"cannot decode image {cut}: " in err and "--on-error skip" in err, err
+    assert "Traceback" not in err and not (tmp_path / "fail.npz").exists()
+    assert not [p for p in tmp_path.iterdir() if ".gemjax-" in p.name]  # no temporary logits left
+    code, err = in_process([*base, "--out", tmp_path / "skip", "--on-error", "skip",
+                            "--save-logits", tmp_path / "skip.npz"], capsys)
+    assert code == 0, err
+    assert files(tmp_path / "skip") == ["ok0__cat.png", "ok0__grid.png", "ok1__cat.png", "ok1__grid.png"]
+    assert str(cut) in err[err.index("skipped 1 unreadable image"):]
+    assert list(np.load(tmp_path / "skip.npz")["images"]) == [str(good[0]), str(good[1])]
+
+
+@pytest.mark.parametrize("sizes", ["mixed", "same"])
+def test_segment_save_logits_written_incrementally_equals_the_in_memory_file(env, tmp_path, capsys, sizes):
+    import gem_jax
+    from gem_jax import cli
+
+    shapes = [(40, 56), (64, 32), (40, 40)] if sizes == "mixed" else [(40, 56), (40, 56), (40, 56)]
+    paths = [write_image(tmp_path / f"im{i}.png", h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    prompts = ["cat", "a boxer"]
+    target = tmp_path / "sub" / "l.npz"
+    code, err = in_process(["segment", *paths, "-p", *prompts, "--model", env["model"], "--gem-layers", "1",
+                            "--short-side", "32", "--out", tmp_path / "o", "--save-logits", target,
+                            "--no-compile-cache"], capsys)
+    assert code == 0, err
+    # the file the previous, in-memory path writes from the API's results
+    gem = gem_jax.GEM(gem_jax.load(env["model"]), layers=1, short_side=32)
+    outs = [gem.heatmaps(str(p), prompts) for p in paths]
+    expected = tmp_path / "expected.npz"
+    cli._save_logits(expected, [o.logits[0] for o in outs], [o.heatmaps[0] for o in outs], prompts,
+                     [str(p) for p in paths], [o.sizes[0] for o in outs], False)
+    got, want = np.load(target), np.load(expected)
+    assert got.files == want.files
+    assert ("logits" in got.files) == (sizes == "same")
+    for key in want.files:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        if got[key].dtype.kind in "US":
+            assert (got[key] == want[key]).all(), key
+        else:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["l.npz"]  # no temporaries left
