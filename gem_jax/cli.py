@@ -226,6 +226,20 @@ def add_model_flags(seg):
     seg.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
 
 
+def _gem_from_flags(model, args, **overrides):
+    """``GEM(model, ...)`` from the flags of :func:`add_model_flags` (``overrides`` win);
+    options that do not fit the model are a usage error."""
+    from gem_jax import pipeline
+
+    kwargs = dict(argtypes.method_kwargs(args), layers=args.gem_layers, iterations=args.iterations,
+                  temperature=args.temperature, template=args.template, size=args.size,
+                  short_side=args.short_side, dtype=args.dtype)
+    try:
+        return pipeline.GEM(model, **{**kwargs, **overrides})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _add_cache_flags(p):
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent JAX compilation cache (default: $GEM_JAX_COMPILE_CACHE or "
@@ -306,7 +320,6 @@ def _check_options(args, out_dir: pathlib.Path) -> None:
     """Every option and output path that needs no model, checked before the slow model load."""
     import numpy as np
 
-    from gem_jax import gem as gem_lib
     from gem_jax import pipeline, preprocess, visualize
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -416,13 +429,7 @@ def cmd_segment(args) -> int:
         note = "RANDOM weights: shows the mechanics, not real localisation"
         print(f"note: {model.name} has random weights (gem-jax convert --random); the pictures say so",
               file=sys.stderr)
-    try:
-        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
-                           iterations=args.iterations,
-                           temperature=args.temperature, template=args.template, size=args.size,
-                           short_side=args.short_side, dtype=args.dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    gem = _gem_from_flags(model, args)
     try:  # every image's memory need (from its header's size), before anything is computed
         for hw in dict.fromkeys(dims):
             shape = np.broadcast_to(np.zeros((), np.uint8), (*hw, 3))  # a size without pixels
@@ -706,16 +713,10 @@ def cmd_batch(args) -> int:
         raise UsageError(str(e)) from None
     if not args.no_compile_cache:
         enable_compile_cache(args.compile_cache)
-    from gem_jax import checkpoints, pipeline
+    from gem_jax import checkpoints
 
     model = _load_model(args.model)
-    try:
-        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
-                           iterations=args.iterations,
-                           temperature=args.temperature, template=args.template, size=args.size,
-                           short_side=args.short_side, dtype=args.dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    gem = _gem_from_flags(model, args)
     opts = batch.BatchOptions(
         prompts=prompts, part_size=args.part_size, batch_size=args.batch_size, logits_dtype=args.logits_dtype,
         labels=labels, background_threshold=args.background_threshold, heatmaps=args.heatmaps,
@@ -768,16 +769,13 @@ def cmd_export(args) -> int:
     devices = jax.local_devices()
     if len(devices) < args.devices:
         raise UsageError(f"--devices {args.devices} but only {len(devices)} {jax.default_backend()} device(s)")
-    from gem_jax import checkpoints, gem as gem_lib, pipeline
+    from gem_jax import checkpoints, gem as gem_lib
 
     model = _load_model(args.model)
     # The CPU's chunked schedule only when the program is for CPUs alone.
     schedule = "auto" if set(platforms) == {"cpu"} else gem_lib.Schedule()
+    gem = _gem_from_flags(model, args, short_side=None, schedule=schedule, devices=devices[:args.devices])
     try:
-        gem = pipeline.GEM(model, **argtypes.method_kwargs(args), layers=args.gem_layers,
-                           iterations=args.iterations,
-                           temperature=args.temperature, template=args.template, size=args.size,
-                           dtype=args.dtype, schedule=schedule, devices=devices[:args.devices])
         written = export.write(gem, args.out, batch=args.batch, prompts=texts or args.prompts or 16,
                                platforms=platforms, model_name=args.model or checkpoints.DEFAULT_MODEL)
     except ValueError as e:
