@@ -426,7 +426,7 @@ def cmd_segment(args) -> int:
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     note = None
     if model.random_weights:
-        note = "RANDOM weights: shows the mechanics, not real localisation"
+        note = pipeline.RANDOM_WEIGHTS_NOTE
         print(f"note: {model.name} has random weights (gem-jax convert --random); the pictures say so",
               file=sys.stderr)
     gem = _gem_from_flags(model, args)

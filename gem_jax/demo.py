@@ -158,6 +158,7 @@ class Result:
     logits: np.ndarray  # (P, h, w) at the model input size
     prompts: list[str]
     directory: pathlib.Path
+    note: str | None = None  # the pictures' title (a model with random weights says so)
 
 
 def _programs(gem) -> int | None:
@@ -303,7 +304,8 @@ class Demo:
                 if before is not None:  # what JAX did, rather than what was expected
                     compiling = _programs(gem) > before
             self._compiled.add(shape_key)
-            result = Result(picture, np.asarray(out.logits[0]), prompts, self._new_run_dir())
+            note = pipeline.RANDOM_WEIGHTS_NOTE if gem.model.random_weights else None
+            result = Result(picture, np.asarray(out.logits[0]), prompts, self._new_run_dir(), note)
             overlays = self._overlays(picture, np.asarray(out.heatmaps[0]), prompts)
             label_map = self._label_map(result, threshold)
             npz = self._npz(result, np.asarray(out.heatmaps[0]), name, out.sizes[0])
@@ -315,7 +317,8 @@ class Demo:
             return
         timing = self._timing(seconds, compiling, hw, result)
         yield overlays, label_map, str(npz), timing, markdown_message(
-            f"Done: {len(prompts)} prompt(s) with {method} on {name}.", "info"), result
+            f"Done: {len(prompts)} prompt(s) with {method} on {name}."
+            + (f" {result.note}." if result.note else ""), "info"), result
 
     def relabel(self, result: Result | None, background_threshold):
         """The label map of the last run at a new background threshold (no model call)."""
@@ -359,7 +362,7 @@ class Demo:
 
         labels = pipeline.labels_from_logits(result.logits, threshold)
         labels = _to_original_size(labels, result.image.shape[:2], nearest=True)
-        fig = visualize.label_figure(result.image, labels, result.prompts)
+        fig = visualize.label_figure(result.image, labels, result.prompts, title=result.note)
         result.directory.mkdir(parents=True, exist_ok=True)  # an old run's files may have been cleared
         path = result.directory / f"labels_{threshold:.2f}.png"
         return str(visualize.save_png(fig, path, overwrite=True))

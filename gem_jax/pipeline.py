@@ -22,6 +22,8 @@ from gem_jax.models import TextTransformer, VisionTransformer
 from gem_jax.models.layers import l2_normalize, resize_2d
 from gem_jax.tokenizer import Tokenizer, first_duplicate
 
+#: The title of every picture made from a model with random weights (``Model.random_weights``).
+RANDOM_WEIGHTS_NOTE = "RANDOM weights: shows the mechanics, not real localisation"
 DEFAULT_TEMPLATE = "a photo of a {}."
 #: CLIP's logit scale, used for the class softmax of :meth:`GEM.segment`.
 LOGIT_SCALE = 100.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import dataclasses
 import pathlib
 import queue
 import shutil
@@ -235,6 +236,11 @@ def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env,
         assert gem._maps._cache_size() == programs
         third = list(demo.run(picture, "cat", "gem", layers=2, size="96"))
         assert len(third) == 2 and "compilation" in third[1][3] and gem._maps._cache_size() == programs + 1
+        # A model with random weights says so in the page and in the label map's title.
+        assert result.note is None and "RANDOM" not in status
+        gem.model = dataclasses.replace(gem.model, random_weights=True)  # as from gem-jax convert --random
+        ((*_, noted_status, noted),) = demo.run(picture, "cat", "gem", layers=2, size="96")
+        assert pipeline.RANDOM_WEIGHTS_NOTE in noted_status and noted.note == pipeline.RANDOM_WEIGHTS_NOTE
 
         expect = pipeline.labels_from_logits(result.logits, 1.0)
         assert (expect == 0).all()  # at threshold 1 every pixel is background...
