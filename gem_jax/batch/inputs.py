@@ -53,6 +53,15 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _collect(path: str, found: list) -> None:
+    """Appends ``path``'s items to ``found``: a tar shard's image members, or the image itself
+    (other files are passed over)."""
+    if _is_tar(path):
+        found.extend(tar_members(path))
+    elif _is_image_name(path):
+        found.append(Item(path, path))
+
+
 def _is_tar(name: str) -> bool:
     return name.lower().endswith(".tar")
 
@@ -75,11 +84,7 @@ def _expand_one(text: str, from_list: bool) -> list[Item]:
         for root, dirs, names in os.walk(path):
             dirs.sort()
             for name in sorted(names):
-                full = os.path.join(root, name)
-                if _is_tar(name):
-                    found.extend(tar_members(full))
-                elif _is_image_name(name):
-                    found.append(Item(full, full))
+                _collect(os.path.join(root, name), found)
         if not found:
             raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards in directory: {text}")
         return found
@@ -89,12 +94,8 @@ def _expand_one(text: str, from_list: bool) -> list[Item]:
         matches = sorted(glob.glob(text, recursive=True))
         found = []
         for m in matches:
-            if os.path.isdir(m):
-                continue
-            if _is_tar(m):
-                found.extend(tar_members(m))
-            elif _is_image_name(m):
-                found.append(Item(m, m))
+            if not os.path.isdir(m):
+                _collect(m, found)
         if not found:
             raise InputError(f"no image files or .tar shards match the pattern: {text}")
         return found
