@@ -585,8 +585,8 @@ def _decode_error(path, reason: str) -> str:
 class _LogitsWriter:
     """Writes segment's ``--save-logits`` file without holding every image's arrays: each
     image's logits and heatmaps go to ``.npy`` files in a temporary directory beside the
-    target as they come, and :meth:`commit` streams them into the ``.npz`` (the schema of
-    :func:`_save_logits`), atomically. :meth:`abort` removes what is left."""
+    target as they come, and :meth:`commit` streams them into the ``.npz`` (the schema
+    :func:`_save_logits` describes), atomically. :meth:`abort` removes what is left."""
 
     def __init__(self, path: pathlib.Path, prompts, force: bool):
         self.path, self.prompts, self.force = path, list(prompts), force
@@ -800,22 +800,18 @@ def _to_original_size(maps, hw, nearest=False):
 
 
 def _save_logits(path: pathlib.Path, logits, heat, prompts, paths, sizes, force):
-    """Writes the npz atomically: ``logits``/``heatmaps`` (N, P, H, W) when all inputs share a
-    size, otherwise ``logits_<i>``/``heatmaps_<i>`` per image; plus ``prompts``, ``images``, ``sizes``."""
-    import numpy as np
-
+    """Writes the ``--save-logits`` npz of arrays already in memory, through :class:`_LogitsWriter`:
+    ``logits``/``heatmaps`` (N, P, H, W) when all inputs share a size, otherwise
+    ``logits_<i>``/``heatmaps_<i>`` per image; plus ``prompts``, ``images``, ``sizes``."""
     if path.exists() and not force:
         raise RuntimeFailure(f"output file exists: {path}; pass --force to overwrite")
-    arrays = {"prompts": np.array(prompts), "images": np.array([str(p) for p in paths]),
-              "sizes": np.array(sizes, dtype=np.int32)}
-    if len(set(sizes)) == 1:
-        arrays["logits"], arrays["heatmaps"] = np.stack(logits), np.stack(heat)
-    else:
-        for i, (lg, hm) in enumerate(zip(logits, heat)):
-            arrays[f"logits_{i}"], arrays[f"heatmaps_{i}"] = lg, hm
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _files.remove_stale(path.parent)
-    _files.atomic_write(path, lambda f: np.savez(f, **arrays))
+    writer = _LogitsWriter(path, prompts, force)
+    try:
+        for lg, hm, image_path, size in zip(logits, heat, paths, sizes):
+            writer.add(lg, hm, image_path, size)
+        writer.commit()
+    finally:
+        writer.abort()
 
 
 def _progress(items, desc):

@@ -309,7 +309,6 @@ def test_segment_stops_or_skips_on_a_bad_image_found_while_streaming(env, tmp_pa
 @pytest.mark.parametrize("sizes", ["mixed", "same"])
 def test_segment_save_logits_written_incrementally_equals_the_in_memory_file(env, tmp_path, capsys, sizes):
     import gem_jax
-    from gem_jax import cli
 
     shapes = [(40, 56), (64, 32), (40, 40)] if sizes == "mixed" else [(40, 56), (40, 56), (40, 56)]
     paths = [write_image(tmp_path / f"im{i}.png", h, w, seed=i) for i, (h, w) in enumerate(shapes)]
@@ -319,12 +318,19 @@ def test_segment_save_logits_written_incrementally_equals_the_in_memory_file(env
                             "--short-side", "32", "--out", tmp_path / "o", "--save-logits", target,
                             "--no-compile-cache"], capsys)
     assert code == 0, err
-    # the file the previous, in-memory path writes from the API's results
+    # the documented schema, written in memory with np.savez from the API's results
     gem = gem_jax.GEM(gem_jax.load(env["model"]), layers=1, short_side=32)
     outs = [gem.heatmaps(str(p), prompts) for p in paths]
+    arrays = {"prompts": np.array(prompts), "images": np.array([str(p) for p in paths]),
+              "sizes": np.array([o.sizes[0] for o in outs], dtype=np.int32)}
+    if sizes == "same":
+        arrays["logits"] = np.stack([o.logits[0] for o in outs])
+        arrays["heatmaps"] = np.stack([o.heatmaps[0] for o in outs])
+    else:
+        for i, o in enumerate(outs):
+            arrays[f"logits_{i}"], arrays[f"heatmaps_{i}"] = o.logits[0], o.heatmaps[0]
     expected = tmp_path / "expected.npz"
-    cli._save_logits(expected, [o.logits[0] for o in outs], [o.heatmaps[0] for o in outs], prompts,
-                     [str(p) for p in paths], [o.sizes[0] for o in outs], False)
+    np.savez(expected, **arrays)
     got, want = np.load(target), np.load(expected)
     assert got.files == want.files
     assert ("logits" in got.files) == (sizes == "same")
