@@ -17,14 +17,8 @@ from gem_jax.analysis import calibration as cal
 from gem_jax.analysis import clustering as cl
 from gem_jax.analysis import localization as loc
 from gem_jax.analysis import plots
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import VisionTransformer, init_params
-
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")

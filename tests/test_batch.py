@@ -23,16 +23,11 @@ from PIL import Image
 from gem_jax import batch
 from gem_jax.batch import inputs as inputs_lib
 from gem_jax.checkpoints import save_native
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import init_params
 from gem_jax.pipeline import GEM, Model, labels_from_logits
 from gem_jax.tokenizer import Tokenizer
+from tiny import TINY
 
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
 PROMPTS = ["cat", "dog", "a red car"]
 N_IMAGES = 14
 

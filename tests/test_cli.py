@@ -12,14 +12,8 @@ import pytest
 from PIL import Image
 
 from gem_jax.checkpoints import save_native
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import init_params
-
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")

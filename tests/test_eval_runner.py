@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from gem_jax import preprocess
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.eval import command, runner
 from gem_jax.eval import datasets as D
 from gem_jax.eval.protocols import GEM_PROTOCOL, PROTOCOLS, SCLIP_PROTOCOL
@@ -19,13 +18,9 @@ from gem_jax.models import init_params
 from gem_jax.pipeline import GEM, Model, labels_from_logits
 from gem_jax.sliding import sliding_logits, window_boxes
 from gem_jax.tokenizer import Tokenizer
+from tiny import TINY
 from test_eval_datasets import VOC_SPECS, make_context, make_openimages, make_voc
 
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
 # The protocols at sizes a CPU test affords (the tiny model has 8-pixel patches).
 SMALL_GEM = dataclasses.replace(GEM_PROTOCOL, short_side=32)
 SMALL_SCLIP = dataclasses.replace(SCLIP_PROTOCOL, short_side=40, crop=32, stride=16, template="a photo of a {}.")

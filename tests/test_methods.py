@@ -17,16 +17,10 @@ from gem_jax import gem as gem_lib
 from gem_jax import methods as M
 from gem_jax.analysis import localization as loc
 from gem_jax.cli import build_parser
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import VisionTransformer, init_params
 from gem_jax.pipeline import GEM, Model
 from gem_jax.tokenizer import Tokenizer
-
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 
 from gem_jax import preprocess
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import init_params
 from gem_jax.pipeline import GEM, Model, imagenet_templates, labels_from_logits
 from gem_jax.tokenizer import Tokenizer
-
-TINY = CLIPConfig(
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
-    text=TextConfig(width=32, layers=1, heads=2),
-    embed_dim=32,
-)
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")
