@@ -6,11 +6,6 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping
 
-#: The one list of method names (re-exported as ``gem_jax.gem.METHODS``); what each
-#: does to the last blocks is :data:`gem_jax.methods.TABLE`. Kept here, free of JAX,
-#: so the command line can offer the choices without importing the engine.
-METHODS = ("gem", "clip", "maskclip", "clipsurgery", "sclip", "clearclip", "naclip")
-
 Activation = Literal["quick_gelu", "gelu"]
 ACTIVATIONS = ("quick_gelu", "gelu")
 

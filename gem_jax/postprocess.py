@@ -1,8 +1,14 @@
-"""Post-processing of cosine logits shared by every method: PAMR, synonym merging, area filtering.
+"""From cosine logits to decisions, shared by every command: the one label rule, PAMR,
+synonym merging, area filtering, and resizing of maps.
 
-These are the refinements the official pipelines of the training-free segmenters apply
-after the model (SCLIP, ClearCLIP, NACLIP, ...). None of them is ever applied silently:
-the evaluation protocols (:mod:`gem_jax.eval.protocols`) switch them on by name.
+The label rule (:func:`label_rule`) is what segment, batch, eval, the demo and the
+calibration tool all apply: class probabilities are the softmax over prompts of
+``logit_scale * cosine`` (CLIP's logit scale 100 by default), a class's probability is the
+max over its prompts (synonyms), optionally classes winning at most a fraction of the
+pixels are dropped (SCLIP's area threshold), and pixels whose top probability is below the
+background threshold are background. The refinements the official pipelines of GEM's
+siblings apply (PAMR, synonyms, areas) are never applied silently: the evaluation
+protocols (:mod:`gem_jax.eval.protocols`) and the options of ``segment`` switch them on.
 """
 
 from __future__ import annotations
@@ -12,6 +18,14 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gem_jax.models.layers import resize_matrix
+
+#: CLIP's logit scale: class probabilities are ``softmax(LOGIT_SCALE * cosine)``.
+LOGIT_SCALE = 100.0
+#: GEM's (and the paper's VOC protocol's) background threshold.
+BACKGROUND_THRESHOLD = 0.85
 
 #: NACLIP's PAMR defaults: 10 iterations over neighbours at dilations 8 and 16.
 PAMR_ITERATIONS = 10
@@ -130,3 +144,123 @@ def suppress_small_areas(probs, area_threshold: float, background: int, valid=No
     area = jnp.bincount(top.reshape(-1), length=num_classes + 1)[:num_classes].at[background].set(0)
     keep = (area > area_threshold * area.sum()).at[background].set(True)
     return probs * keep[:, None, None]
+
+
+def class_probabilities(logits, *, logit_scale: float = LOGIT_SCALE, query_class=None, num_classes=None):
+    """(..., P, H, W) cosine logits -> (..., C, H, W) class probabilities: the softmax over
+    prompts of ``logit_scale * logits`` (float32), then, with ``query_class`` (the class of
+    each prompt), the max over each class's prompts (``num_classes`` classes; default the
+    largest class + 1; a class without prompts gets 0)."""
+    probs = jax.nn.softmax(logit_scale * jnp.asarray(logits, jnp.float32), axis=-3)
+    if query_class is None:
+        return probs
+    query_class = jnp.asarray(query_class)
+    if num_classes is None:
+        num_classes = int(np.max(np.asarray(query_class))) + 1
+    moved = jnp.moveaxis(probs, -3, 0)
+    merged = jnp.moveaxis(merge_synonyms(moved, query_class, num_classes), 0, -3)
+    return merged
+
+
+def decide(probs, background_threshold: float | None, *, area_threshold: float | None = None,
+           background: int | None = None, valid=None):
+    """(C, H, W) class probabilities -> (H, W) int32 labels.
+
+    Without ``background``: 0 is background, ``k + 1`` class k (:meth:`GEM.segment`'s
+    convention). With ``background`` (the index of the background class among the C, an
+    evaluation's convention): labels are class indices and the background class is never
+    dropped by the area threshold. ``valid`` (H, W) marks the pixels that count for areas.
+    """
+    if area_threshold is not None:
+        if background is None:
+            num = probs.shape[0]
+            top = jnp.argmax(probs, axis=0)
+            if valid is not None:
+                top = jnp.where(valid, top, num)
+            area = jnp.bincount(top.reshape(-1), length=num + 1)[:num]
+            probs = probs * (area > area_threshold * area.sum())[:, None, None]
+        else:
+            probs = suppress_small_areas(probs, area_threshold, background, valid)
+    top = jnp.argmax(probs, axis=0).astype(jnp.int32)
+    if background is None:
+        top = top + 1
+    if background_threshold is None:
+        return top
+    fill = 0 if background is None else background
+    return jnp.where(jnp.max(probs, axis=0) < background_threshold, fill, top)
+
+
+@functools.partial(jax.jit, static_argnames=("logit_scale", "num_classes", "area_threshold", "background"))
+def _label_rule(logits, threshold, query_class, *, logit_scale, num_classes, area_threshold, background):
+    probs = class_probabilities(logits, logit_scale=logit_scale, query_class=query_class, num_classes=num_classes)
+    decide_one = functools.partial(decide, area_threshold=area_threshold, background=background)
+    flat = probs.reshape(-1, *probs.shape[-3:])
+    labels = jax.vmap(lambda p: decide_one(p, threshold))(flat)
+    return labels.reshape(*probs.shape[:-3], *probs.shape[-2:])
+
+
+def label_rule(logits, background_threshold: float | None = BACKGROUND_THRESHOLD, *,
+               logit_scale: float = LOGIT_SCALE, query_class=None, num_classes: int | None = None,
+               area_threshold: float | None = None, background: int | None = None):
+    """The label rule (see the module doc): (..., P, H, W) cosine logits -> (..., H, W) int32
+    labels, on the device (jitted; leading dimensions are images).
+
+    Args:
+      logits: cosine similarities, prompts on axis -3.
+      background_threshold: pixels whose top class probability is below it are background
+        (``None``: never).
+      logit_scale: multiplies the cosines before the softmax over prompts.
+      query_class: (P,) the class of each prompt (synonyms); default one class per prompt.
+      num_classes: classes with ``query_class`` (default the largest + 1).
+      area_threshold: drop classes winning at most this fraction of the pixels (``None``: off).
+      background: see :func:`decide` (default: 0 is background, ``k + 1`` class k).
+    """
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be positive, got {logit_scale!r}")
+    if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
+        raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")
+    if area_threshold is not None and not 0.0 <= area_threshold <= 1.0:
+        raise ValueError(f"area_threshold must be in [0, 1], got {area_threshold!r}")
+    if query_class is not None:
+        query_class = np.asarray(query_class, np.int32)
+        num_classes = int(query_class.max()) + 1 if num_classes is None else num_classes
+    threshold = jnp.float32(-1.0 if background_threshold is None else background_threshold)
+    return _label_rule(logits, threshold, query_class, logit_scale=float(logit_scale), num_classes=num_classes,
+                       area_threshold=area_threshold, background=background)
+
+
+def labels_from_logits(logits, background_threshold: float | None = BACKGROUND_THRESHOLD, *,
+                       logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None,
+                       query_class=None) -> np.ndarray:
+    """:func:`label_rule` on host arrays: (P, H, W) cosine logits -> (H, W) int32 NumPy labels,
+    0 background, ``k + 1`` class k."""
+    return np.asarray(label_rule(np.asarray(logits, np.float32), background_threshold, logit_scale=logit_scale,
+                                 query_class=query_class, area_threshold=area_threshold))
+
+
+def label_map(image: np.ndarray, logits: np.ndarray, background_threshold: float | None = BACKGROUND_THRESHOLD, *,
+              logit_scale: float = LOGIT_SCALE, area_threshold: float | None = None, pamr_iterations: int = 0,
+              pamr_dilations: Sequence[int] = PAMR_DILATIONS, query_class=None) -> np.ndarray:
+    """The label map of :meth:`GEM.segment` from logits already computed: ``image`` the
+    decoded image (H0, W0, 3), ``logits`` (P, H, W) at the model input size; PAMR (if
+    asked) is guided by the image resized to (H, W), then :func:`labels_from_logits`."""
+    if pamr_iterations:
+        from gem_jax import preprocess
+
+        guide = preprocess.normalize(preprocess.resize(image, logits.shape[-2:])).transpose(2, 0, 1)
+        logits = np.asarray(pamr(guide, logits, iterations=pamr_iterations, dilations=pamr_dilations))
+    return labels_from_logits(logits, background_threshold, logit_scale=logit_scale, area_threshold=area_threshold,
+                              query_class=query_class)
+
+
+def resize_maps(maps, hw: tuple[int, int]) -> np.ndarray:
+    """(..., h, w) maps resized bilinearly to ``hw`` (half-pixel centres, as the upsampling
+    of the patch logits), as two matrix products (rows, then columns) in float32; a heatmap
+    in [0, 1] stays in [0, 1]."""
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[-2:] == tuple(hw):
+        return maps
+    my = resize_matrix(maps.shape[-2], hw[0], "bilinear")
+    mx = resize_matrix(maps.shape[-1], hw[1], "bilinear")
+    rows = np.matmul(my, maps)  # (..., H, w)
+    return np.matmul(rows, mx.T).astype(np.float32)

@@ -6,6 +6,7 @@ import glob
 import numbers
 import os
 import pathlib
+import re
 from typing import Sequence
 
 import numpy as np
@@ -263,6 +264,17 @@ def target_size(height, width, *, size=None, short_side=None, patch_size=16,
     return _snap(h, patch), _snap(w, patch)
 
 
+def parse_size(text: str):
+    """A size as users type it: ``N`` (a square) or ``HxW``; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise ValueError(f"expected N or HxW (e.g. 448 or 320x480), got {text!r}")
+    h = int(m.group(1))
+    if h < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise ValueError(f"sizes must be at least 1, got {text!r}")
+    return h if m.group(2) is None else (h, int(m.group(2)))
+
+
 def _check_uint8_rgb(image, what: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim < 3 or arr.shape[-1] != 3:
@@ -365,3 +377,37 @@ class _Unique(list):
     def extend(self, paths):
         for p in paths:
             self.append(p)
+
+
+def probe_image(path) -> tuple[int, int]:
+    """The (height, width) an image file's header gives, checked without decoding its pixels:
+    Pillow opens it and verifies its structure (a PNG's chunks and their checksums, so a
+    truncated one is caught; a JPEG's damage is only found when decoded). The size is for the
+    memory check, which does not depend on the orientation. Raises :class:`ImageError` in
+    :func:`load_image`'s words."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, not an image file")
+    try:
+        im = Image.open(path)
+    except Exception as e:  # UnidentifiedImageError, PermissionError, an empty file, ...
+        raise ImageError(f"cannot read image {path}: {_one_line(e)}") from e
+    try:
+        with im:
+            w, h = im.size
+            im.verify()
+    except Exception as e:  # damaged data past the header
+        raise ImageError(f"cannot decode image {path}: {_one_line(e)}") from e
+    return h, w
+
+
+def decode_error_message(path, reason: str) -> str:
+    """The message for an image a loader thread could not decode: :func:`load_image`'s own
+    words for it, read again for this rare case."""
+    try:
+        load_image(path)
+    except ImageError as e:
+        return str(e)
+    return f"cannot read image {path}: {reason}"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import numbers
-import os
 import pathlib
 import textwrap
 from typing import Sequence
@@ -20,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from gem_jax import files
+
 __all__ = [
     "colorize",
     "overlay",
@@ -28,6 +28,7 @@ __all__ = [
     "label_palette",
     "colorize_labels",
     "label_figure",
+    "png_writer",
     "save_png",
 ]
 
@@ -395,12 +396,36 @@ def label_figure(image, labels, class_names: Sequence[str], *, alpha=0.6, backgr
 # ----------------------------------------------------------------------------- writing
 
 
-def save_png(array_or_figure, path, *, overwrite=False) -> pathlib.Path:
-    """Write a uint8 image array or a matplotlib Figure to ``path`` as a PNG, atomically.
+def png_writer(array_or_figure):
+    """A function writing ``array_or_figure`` (a uint8 (H, W), (H, W, 3) or (H, W, 4) array, or a
+    matplotlib ``Figure`` at 100 dpi with a tight bounding box) as a PNG to a binary file;
+    for :func:`gem_jax.files.atomic_write`. Checks the array first (ValueError, TypeError)."""
+    if isinstance(array_or_figure, Figure):
+        figure = array_or_figure
 
-    The PNG is written to a temporary file in the same directory and then moved into place
-    (``os.replace``), so ``path`` is never seen half-written, and no temporary file is left
-    behind if writing fails. Figures are saved at 100 dpi with a tight bounding box.
+        def write(f):
+            figure.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+        return write
+    if not isinstance(array_or_figure, (np.ndarray, list, tuple)) and not hasattr(array_or_figure, "__array__"):
+        raise TypeError(f"save_png takes a uint8 array or a matplotlib Figure, got {type(array_or_figure).__name__}")
+    array = np.asarray(array_or_figure)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(f"save_png needs a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), "
+                         f"got {array.dtype} {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"cannot save an empty image of shape {array.shape}")
+    picture = Image.fromarray(np.ascontiguousarray(array))
+
+    def write(f):
+        picture.save(f, format="PNG")
+    return write
+
+
+def save_png(array_or_figure, path, *, overwrite=False) -> pathlib.Path:
+    """Write a uint8 image array or a matplotlib Figure to ``path`` as a PNG, atomically
+    (:func:`gem_jax.files.atomic_write`: a temporary file renamed into place, never seen
+    half-written, nothing left behind on failure). Figures are saved at 100 dpi with a
+    tight bounding box.
 
     Args:
       array_or_figure: uint8 (H, W), (H, W, 3) or (H, W, 4) array, or a ``Figure``.
@@ -415,65 +440,4 @@ def save_png(array_or_figure, path, *, overwrite=False) -> pathlib.Path:
       ValueError: the array is not a uint8 image.
       TypeError: neither an array nor a Figure was given.
     """
-    path = pathlib.Path(path)
-    if isinstance(array_or_figure, Figure):
-        figure = array_or_figure
-
-        def write(f):
-            figure.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
-    else:
-        if not isinstance(array_or_figure, (np.ndarray, list, tuple)) and not hasattr(array_or_figure, "__array__"):
-            raise TypeError(f"save_png takes a uint8 array or a matplotlib Figure, got {type(array_or_figure).__name__}")
-        array = np.asarray(array_or_figure)
-        if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-            raise ValueError(f"save_png needs a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), "
-                             f"got {array.dtype} {array.shape}")
-        if array.shape[0] == 0 or array.shape[1] == 0:
-            raise ValueError(f"cannot save an empty image of shape {array.shape}")
-        picture = Image.fromarray(np.ascontiguousarray(array))
-
-        def write(f):
-            picture.save(f, format="PNG")
-
-    if not overwrite and os.path.lexists(path):
-        raise _exists(path)
-
-    fd, temp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(temp, path, overwrite)
-    finally:
-        # Gone after a successful publish; otherwise remove the partial file.
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-    return path
-
-
-def _exists(path: pathlib.Path) -> FileExistsError:
-    return FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True to replace it)")
-
-
-def _open_temp(path: pathlib.Path) -> tuple[int, str]:
-    """A new hidden file beside ``path``, created with the usual permissions (0o666 less umask)."""
-    from gem_jax import _files
-
-    return _files.open_temp(path)  # a name later runs recognise as a leftover of ours
-
-
-def _publish(temp: str, path: pathlib.Path, overwrite: bool) -> None:
-    """Move the finished temporary file to ``path``; without ``overwrite`` never clobber a file."""
-    if overwrite:
-        os.replace(temp, path)
-        return
-    # A hard link fails if ``path`` appeared meanwhile, closing the race of check-then-replace.
-    try:
-        os.link(temp, path)
-    except FileExistsError:
-        raise _exists(path) from None
-    except OSError:  # no hard links on this file system
-        if os.path.lexists(path):
-            raise _exists(path) from None
-        os.replace(temp, path)
+    return files.atomic_write(path, png_writer(array_or_figure), overwrite=overwrite)

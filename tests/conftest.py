@@ -308,3 +308,20 @@ def pytest_terminal_summary(terminalreporter):
     width = max(len(case) for case, _, _ in _PARITY)
     for case, what, diff in _PARITY:
         terminalreporter.write_line(f"{case:<{width}}  {what:<34} {diff:.2e}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory):
+    """Every test (and every command a test starts) keeps gem-jax's on-disk caches in a
+    directory of its own, never in the user's home."""
+    import os
+
+    root = tmp_path_factory.mktemp("gem-jax-cache")
+    old = {k: os.environ.get(k) for k in ("GEM_JAX_CACHE",)}
+    os.environ["GEM_JAX_CACHE"] = str(root)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -62,7 +62,7 @@ def twin(model, quick_gelu: bool, head_width: int = 64):
     import jax.numpy as jnp
     import jax
 
-    from gem_jax.pipeline import Model
+    from gem_jax.loading import Model
     from gem_jax.tokenizer import Tokenizer
 
     sd = state_dict_numpy(model)

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from gem_jax import analysis as an
-from gem_jax import gem as gem_lib
+from gem_jax.engine import methods, tower
 from gem_jax.analysis import calibration as cal
 from gem_jax.analysis import clustering as cl
 from gem_jax.analysis import localization as loc
@@ -281,7 +281,7 @@ def test_layer_tokens_last_layer_equals_vision_tokens(model, vit):
     toks = an.layer_tokens(vit, params, px, paths)
     assert {k: v.shape for k, v in toks.items()} == {k: (3, 2, 21, 32) for k in paths}
     for name, opts in paths.items():
-        ref = gem_lib.vision_tokens(vit, params, px, opts, want_clip=True)
+        ref = tower.vision_tokens(vit, params, px, opts, want_clip=True)
         np.testing.assert_allclose(toks[name][-1], ref["clip" if opts is None else "gem"], atol=1e-5)
     # before the parallel paths start (block 1), they are CLIP's tokens
     np.testing.assert_array_equal(toks["gem"][0], toks["clip"][0])
@@ -289,7 +289,7 @@ def test_layer_tokens_last_layer_equals_vision_tokens(model, vit):
     # a given inverse temperature is the same as GEMOptions(temperature=tau)
     tau = 0.3
     got = an.layer_tokens(vit, params, px, {"gem": paths["gem"]}, inv_temps={"gem": 1 / tau}, every_layer=False)
-    ref = gem_lib.vision_tokens(vit, params, px, gem_lib.GEMOptions(layers=2, temperature=tau))["gem"]
+    ref = tower.vision_tokens(vit, params, px, methods.GEMOptions(layers=2, temperature=tau))["gem"]
     np.testing.assert_allclose(got["gem"][0], ref, atol=1e-5)
 
 
@@ -361,7 +361,7 @@ def test_calibration_lowers_loss_and_freezes_params(model):
 def test_temperature_gradient_flows_through_the_gem_path(model, vit):
     _, px, labels = an.toy_scenes(2, 32, 2, seed=4)
     text = jnp.asarray(an.class_prototypes(model, px, labels, 2))
-    opts = gem_lib.GEMOptions(layers=2)
+    opts = methods.GEMOptions(layers=2)
 
     def f(inv):
         return jnp.sum(cal.gem_logits(vit, model.params["visual"], jnp.asarray(px), text, opts, inv) ** 2)

@@ -24,7 +24,9 @@ from gem_jax import batch
 from gem_jax.batch import inputs as inputs_lib
 from gem_jax.checkpoints import save_native
 from gem_jax.models import init_params
-from gem_jax.pipeline import GEM, Model, labels_from_logits
+from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
+from gem_jax.postprocess import labels_from_logits
 from gem_jax.tokenizer import Tokenizer
 from tiny import TINY
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from gem_jax import bench
-from gem_jax import gem as gem_lib
+from gem_jax.engine import methods, tower
 from gem_jax.config import architecture
 
 
 def test_flops_of_vit_b16_at_448_by_hand():
     cfg = architecture("ViT-B-16")
-    f = bench.count_flops(cfg, (448, 448), gem_lib.GEMOptions(), prompts=8)
+    f = bench.count_flops(cfg, (448, 448), methods.GEMOptions(), prompts=8)
     n, c = 785, 768
     block = 2 * n * c * 3 * c + 4 * n * n * c + 2 * n * c * c + 4 * n * c * 4 * c
     assert f["blocks"] == pytest.approx(6 * block / 1e9)
@@ -31,11 +31,11 @@ def test_flops_of_vit_b16_at_448_by_hand():
 
 def test_flops_follow_the_options():
     cfg = architecture("ViT-B-16")
-    base = bench.count_flops(cfg, (448, 448), gem_lib.GEMOptions(), 1)
-    more = bench.count_flops(cfg, (448, 448), gem_lib.GEMOptions(iterations=3, projections=("v",)), 1)
+    base = bench.count_flops(cfg, (448, 448), methods.GEMOptions(), 1)
+    more = bench.count_flops(cfg, (448, 448), methods.GEMOptions(iterations=3, projections=("v",)), 1)
     out = 6 * 2 * 785 * 768 ** 2 / 1e9
     assert (more["self_self_attention"] - out) == pytest.approx((base["self_self_attention"] - out) * 4 / 6)
-    wide = bench.count_flops(cfg, (448, 672), gem_lib.GEMOptions(), 64)
+    wide = bench.count_flops(cfg, (448, 672), methods.GEMOptions(), 64)
     assert wide["similarity"] == pytest.approx(2 * 28 * 42 * 512 * 64 / 1e9)
     assert wide["total"] > 1.5 * base["total"]
 
@@ -97,7 +97,7 @@ def test_chunk_overrides_replace_the_automatic_schedule():
 
     assert schedule() == {"head_chunk": None, "image_chunk": None}
     assert schedule(head_chunk=2) == {"head_chunk": 2, "image_chunk": None}
-    assert schedule(schedule=gem_lib.Schedule(4, 1), image_chunk=2) == {"head_chunk": 4, "image_chunk": 2}
+    assert schedule(schedule=tower.Schedule(4, 1), image_chunk=2) == {"head_chunk": 4, "image_chunk": 2}
 
 
 

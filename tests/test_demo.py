@@ -36,9 +36,9 @@ except ImportError:
         raise
     pytest.skip("the demo extra is not installed (pip install -e '.[demo]')", allow_module_level=True)
 
-from gem_jax import pipeline, visualize  # noqa: E402
+from gem_jax import loading, pipeline, postprocess, visualize  # noqa: E402
 from gem_jax.checkpoints import save_native  # noqa: E402
-from gem_jax.cli import _to_original_size  # noqa: E402
+from gem_jax.outputs import to_display  # noqa: E402
 from gem_jax.config import CLIPConfig, TextConfig, VisionConfig  # noqa: E402
 from gem_jax.models import init_params  # noqa: E402
 
@@ -137,7 +137,7 @@ def test_segment_api_logits_match_gem_heatmaps(server, env, tmp_path):
     assert "compilation" in timing  # the first run of this shape compiles
 
     # The page's defaults: 448 input, adaptive temperature, all of the tiny model's 3 blocks.
-    api = pipeline.GEM(pipeline.load(str(env["model"])), layers=3).heatmaps(str(img), ["cat", "sofa"])
+    api = pipeline.GEM(loading.load(str(env["model"])), layers=3).heatmaps(str(img), ["cat", "sofa"])
     saved = np.load(npz)
     assert sorted(saved.files) == ["heatmaps", "images", "logits", "prompts", "sizes"]
     assert list(saved["prompts"]) == ["cat", "sofa"] and list(saved["images"]) == ["photo.png"]
@@ -147,7 +147,7 @@ def test_segment_api_logits_match_gem_heatmaps(server, env, tmp_path):
 
     # Each overlay is the package's overlay of that prompt's heatmap, at the image's own size.
     picture = np.asarray(Image.open(img).convert("RGB"))
-    shown = _to_original_size(saved["heatmaps"][0], picture.shape[:2])
+    shown = to_display(saved["heatmaps"][0], picture.shape[:2])
     assert [item["caption"] for item in gallery] == ["cat", "sofa"]
     for i, item in enumerate(gallery):
         got = np.asarray(Image.open(item["image"]).convert("RGB"))
@@ -240,9 +240,9 @@ def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env,
         assert result.note is None and "RANDOM" not in status
         gem.model = dataclasses.replace(gem.model, random_weights=True)  # as from gem-jax convert --random
         ((*_, noted_status, noted),) = demo.run(picture, "cat", "gem", layers=2, size="96")
-        assert pipeline.RANDOM_WEIGHTS_NOTE in noted_status and noted.note == pipeline.RANDOM_WEIGHTS_NOTE
+        assert loading.RANDOM_WEIGHTS_NOTE in noted_status and noted.note == loading.RANDOM_WEIGHTS_NOTE
 
-        expect = pipeline.labels_from_logits(result.logits, 1.0)
+        expect = postprocess.labels_from_logits(result.logits, 1.0)
         assert (expect == 0).all()  # at threshold 1 every pixel is background...
         everything, nothing = demo.relabel(result, 0.0), demo.relabel(result, 1.0)
         assert pathlib.Path(everything).read_bytes() != pathlib.Path(nothing).read_bytes()
@@ -305,7 +305,7 @@ def _status(page, text):
 
 
 def test_page_in_chromium(browser, server, tmp_path):
-    from gem_jax.pipeline import example_image_path
+    from gem_jax.loading import example_image_path
 
     photo = tmp_path / "chelsea.jpg"
     shutil.copyfile(example_image_path(), photo)

@@ -11,12 +11,15 @@ import pytest
 from PIL import Image
 
 from gem_jax import preprocess
-from gem_jax.eval import command, runner
+from gem_jax.cli import eval as command
+from gem_jax.eval import runner
 from gem_jax.eval import datasets as D
 from gem_jax.eval.protocols import GEM_PROTOCOL, PROTOCOLS, SCLIP_PROTOCOL
 from gem_jax.models import init_params
-from gem_jax.pipeline import GEM, Model, labels_from_logits
-from gem_jax.sliding import sliding_logits, window_boxes
+from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
+from gem_jax.postprocess import labels_from_logits
+from gem_jax.eval.sliding import sliding_logits, window_boxes
 from gem_jax.tokenizer import Tokenizer
 from tiny import TINY
 from test_eval_datasets import VOC_SPECS, make_context, make_openimages, make_voc

@@ -39,7 +39,7 @@ SHARDED = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import gem_jax
     from gem_jax import export
-    from gem_jax.gem import Schedule
+    from gem_jax.engine.tower import Schedule
 
     model = gem_jax.load(sys.argv[1])
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gem_jax import gem as gem_lib
+from gem_jax.engine import gem as gem_maths, methods, tower
 
 
 def np_l2(x):
@@ -46,13 +46,13 @@ def test_self_self_attention_equals_equations(n, d, k, tau, seed):
     p, v = rng.standard_normal((2, n, d))
     want = np_self_self(p, v, tau, k)
     with jax.default_matmul_precision("highest"):
-        got = gem_lib.self_self_attention(jnp.asarray(p, jnp.float32), jnp.asarray(v, jnp.float32), 1.0 / tau, k)
+        got = gem_maths.self_self_attention(jnp.asarray(p, jnp.float32), jnp.asarray(v, jnp.float32), 1.0 / tau, k)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
 
 
 def test_adaptive_temperature():
     y = np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32)
-    got = np.asarray(gem_lib.adaptive_inverse_temperature(jnp.asarray(y), head_dim=4))
+    got = np.asarray(gem_maths.adaptive_inverse_temperature(jnp.asarray(y), head_dim=4))
     want = np.linalg.norm(y, axis=-1).mean(axis=-1) / 2.0
     assert got.shape == (3, 1, 1, 1)
     np.testing.assert_allclose(got[:, 0, 0, 0], want, rtol=1e-6)
@@ -100,11 +100,11 @@ def test_options_validation():
     for bad in [dict(layers=0), dict(iterations=-1), dict(temperature=0.0), dict(projections=()),
                 dict(projections=("q", "x")), dict(projections=("q", "q"))]:
         with pytest.raises(ValueError):
-            gem_lib.GEMOptions(**bad)
-    assert gem_lib.GEMOptions(projections=("v", "q")).projections == ("q", "v")
+            methods.GEMOptions(**bad)
+    assert methods.GEMOptions(projections=("v", "q")).projections == ("q", "v")
 
 
 def test_min_max_constant_map_is_zero_not_nan():
     maps = jnp.stack([jnp.ones((4, 4)), jnp.arange(16.0).reshape(4, 4)])
-    out = np.asarray(gem_lib.min_max(maps))
+    out = np.asarray(tower.min_max(maps))
     assert np.all(out[0] == 0) and out[1].min() == 0 and out[1].max() == 1

@@ -12,7 +12,7 @@ gem_ref = pytest.importorskip("gem.gem_wrapper")
 
 import open_clip  # noqa: E402
 
-from gem_jax import gem as gem_lib  # noqa: E402
+from gem_jax.engine import methods, tower  # noqa: E402
 from gem_jax.models import VisionTransformer  # noqa: E402
 from gem_jax.pipeline import GEM  # noqa: E402
 from reference_models import openclip_model, openclip_named, twin  # noqa: E402
@@ -90,7 +90,7 @@ def test_gem_and_clip_tokens_differ_and_both_match(small, parity):
         fg, fo = ref.model.visual(to_torch(x))
     vit = VisionTransformer(jm.config.vision, jm.config.embed_dim)
     with jax.default_matmul_precision("highest"):
-        out = gem_lib.vision_tokens(vit, jm.params["visual"], x, gem_lib.GEMOptions(layers=3))
+        out = tower.vision_tokens(vit, jm.params["visual"], x, methods.GEMOptions(layers=3))
     scale = np.abs(fg.numpy()).max()
     assert parity("GEM tokens", out["gem"], fg.numpy()) <= 1e-5 * scale
     assert parity("CLIP tokens", out["clip"], fo.numpy()) <= 1e-5 * scale
@@ -166,7 +166,7 @@ def test_vit_b16_towers_match_open_clip(clip_kit, parity):
     assert parity("encode_text (L2-normalised)", ours_txt, clip_kit.l2n(txt)) <= LOGIT_TOL
     vit = VisionTransformer(jm.config.vision, jm.config.embed_dim)
     with jax.default_matmul_precision("highest"):
-        out = gem_lib.vision_tokens(vit, jm.params["visual"], pixels, gem_lib.GEMOptions(layers=6))
+        out = tower.vision_tokens(vit, jm.params["visual"], pixels, methods.GEMOptions(layers=6))
     for name, ours, theirs, exact in (("CLIP", out["clip"], fo, fo64), ("GEM", out["gem"], fg, fg64)):
         ours = np.asarray(ours)
         assert parity(f"{name} tokens (L2-normalised)", clip_kit.l2n(ours), clip_kit.l2n(theirs)) <= LOGIT_TOL

@@ -149,7 +149,7 @@ def test_degenerate_numbers_are_refused_with_the_valid_range(tiny_model, tmp_pat
 
 def test_tiny_temperature_in_the_api_is_refused_not_nan(tiny_model):
     import gem_jax
-    from gem_jax.gem import MIN_TEMPERATURE
+    from gem_jax.engine.gem import MIN_TEMPERATURE
 
     model = gem_jax.load(str(tiny_model))
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0.001"):
@@ -283,7 +283,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(voc, tiny_model, tm
     out_dir.mkdir()
     (out_dir / ".notes.tmp").write_text("the user's")
     proc = subprocess.run([sys.executable, "-c",
-                           "import os, sys; from gem_jax import _files\n"
+                           "import os, sys; from gem_jax import files as _files\n"
                            "fd, temp = _files.open_temp(sys.argv[1]); os.write(fd, b'half'); os.kill(os.getpid(), 9)",
                            str(out_dir / "r.json")])
     assert proc.returncode == -9
@@ -325,7 +325,7 @@ def test_segment_refuses_bad_options_before_loading_the_model(tiny_model, tmp_pa
 
 
 def test_eval_refuses_bad_options_before_loading_the_model(voc, tiny_model, tmp_path, capsys, monkeypatch):
-    from gem_jax.eval import command
+    from gem_jax.cli import eval as command
 
     monkeypatch.setattr(command, "_load_model", lambda name: pytest.fail("the model was loaded"))
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--temperature", "1e-9"))
@@ -406,15 +406,15 @@ def test_long_side_is_capped_in_short_side_mode(tiny_model):
 
 def test_memory_estimate_refuses_with_the_figure_and_the_way_out(tiny_model, tmp_path, capsys):
     import gem_jax
-    from gem_jax.pipeline import MemoryLimitError, estimate_memory
+    from gem_jax.engine.cost import MemoryLimitError, estimate_memory
 
     model = gem_jax.load(str(tiny_model))
     # the estimate grows with the size and shrinks with the schedule
     small, big = (estimate_memory(TINY, hw, 1, 1) for hw in ((32, 32), (2048, 2048)))
     assert big > 2 ** 34 > small
-    one = gem_jax.gem.Schedule(head_chunk=1, image_chunk=1)
+    one = gem_jax.Schedule(head_chunk=1, image_chunk=1)
     assert estimate_memory(TINY, (512, 512), 4, 1, schedule=one) < estimate_memory(
-        TINY, (512, 512), 4, 1, schedule=gem_jax.gem.Schedule())
+        TINY, (512, 512), 4, 1, schedule=gem_jax.Schedule())
     gem = gem_jax.GEM(model, layers=1, size=2048, memory_limit=8 * 2 ** 30)
     with pytest.raises(MemoryLimitError, match=r"2048x2048 .* needs about \d+\.\d GiB, more than the 8\.0 GiB .*"
                                                r"head_chunk=1"):
@@ -464,6 +464,6 @@ def test_non_finite_maps_raise_instead_of_being_returned():
 
     params = jax.tree_util.tree_map(np.asarray, init_params(TINY, seed=3))
     params["visual"]["proj"] = np.full_like(params["visual"]["proj"], np.nan)  # a model built by hand, unchecked
-    gem = gem_jax.GEM(gem_jax.pipeline.Model(TINY, params, Tokenizer.default()), layers=1, size=32)
+    gem = gem_jax.GEM(gem_jax.Model(TINY, params, Tokenizer.default()), layers=1, size=32)
     with pytest.raises(FloatingPointError, match="NaN"):
         gem.heatmaps(np.zeros((32, 32, 3), np.uint8), ["cat"])

@@ -25,7 +25,7 @@ pytest.importorskip("open_clip")
 import open_clip  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gem_jax import methods as methods_lib  # noqa: E402
+from gem_jax.engine import tower as methods_lib  # noqa: E402
 from gem_jax import preprocess  # noqa: E402
 from gem_jax.pipeline import GEM  # noqa: E402
 from reference_models import openclip_model, twin  # noqa: E402

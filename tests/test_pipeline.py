@@ -10,7 +10,10 @@ import pytest
 
 from gem_jax import preprocess
 from gem_jax.models import init_params
-from gem_jax.pipeline import GEM, Model, imagenet_templates, labels_from_logits
+from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
+from gem_jax.postprocess import labels_from_logits
+from gem_jax.text import imagenet_templates
 from gem_jax.tokenizer import Tokenizer
 from tiny import TINY
 

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gem_jax import class_names as C
-from gem_jax import preprocess, sliding
-from gem_jax.eval import command, protocols
+from gem_jax.eval import class_names as C
+from gem_jax import preprocess
+from gem_jax.eval import sliding
+from gem_jax.cli import eval as command
+from gem_jax.eval import protocols
 from gem_jax.eval import datasets as D
 from gem_jax.eval.protocols import PROTOCOLS, get_protocol
-from gem_jax.pipeline import GEM, TEMPLATE_SETS, imagenet_templates, template_set
-from gem_jax.sliding import PAD_RGB, rescaled_size, sliding_logits
+from gem_jax.pipeline import GEM
+from gem_jax.text import TEMPLATE_SETS, imagenet_templates, template_set
+from gem_jax.eval.sliding import PAD_RGB, rescaled_size, sliding_logits
 from test_eval_datasets import make_voc
 from test_eval_runner import gem, model, np_bilinear, parse  # noqa: F401  (gem, model: fixtures)
 
@@ -267,7 +270,7 @@ def _softmax(x, axis=0):
 
 @pytest.fixture
 def cli_env(tmp_path, model, monkeypatch):
-    from gem_jax import pipeline
+    from gem_jax import pipeline, postprocess
 
     monkeypatch.setattr(pipeline, "load", lambda name=None, **kw: model)
     make_voc(tmp_path / "voc", specs=(("2007_000032", 30, 38),))
@@ -364,7 +367,7 @@ def test_eval_command_overrides_the_protocol(cli_env, capsys):
 
 
 def test_segment_options(gem):
-    from gem_jax import pipeline
+    from gem_jax import pipeline, postprocess
     from test_postprocess import torch_pamr
     import torch
 
@@ -372,14 +375,14 @@ def test_segment_options(gem):
     # scale 100 but .52 at 10.
     x = np.zeros((2, 1, 1), np.float32)
     x[:, 0, 0] = [0.05, 0.04]
-    assert pipeline.labels_from_logits(x, 0.6).tolist() == [[1]]
-    assert pipeline.labels_from_logits(x, 0.6, logit_scale=10.0).tolist() == [[0]]
+    assert postprocess.labels_from_logits(x, 0.6).tolist() == [[1]]
+    assert postprocess.labels_from_logits(x, 0.6, logit_scale=10.0).tolist() == [[0]]
     # The area threshold: class 2 wins 1 of 5 pixels (20%), dropped at 0.25, kept at 0.15.
     x = np.zeros((2, 1, 5), np.float32)
     x[0, 0, :4] = 0.1
     x[1, 0, 4] = 0.1
-    assert pipeline.labels_from_logits(x, None, area_threshold=0.25).tolist() == [[1, 1, 1, 1, 1]]
-    assert pipeline.labels_from_logits(x, None, area_threshold=0.15).tolist() == [[1, 1, 1, 1, 2]]
+    assert postprocess.labels_from_logits(x, None, area_threshold=0.25).tolist() == [[1, 1, 1, 1, 1]]
+    assert postprocess.labels_from_logits(x, None, area_threshold=0.15).tolist() == [[1, 1, 1, 1, 2]]
     # PAMR in segment: the official code's steps on the logits, guided by the model's input.
     img = np.random.default_rng(5).integers(0, 256, (30, 41, 3), dtype=np.uint8)
     classes = ["cat", "dog", "tree"]
@@ -387,7 +390,7 @@ def test_segment_options(gem):
     guide = preprocess.normalize(preprocess.resize(img, (32, 40))).transpose(2, 0, 1)
     refined = torch_pamr(torch.from_numpy(guide[None]), torch.from_numpy(np.asarray(out.logits)), 10,
                          [8, 16])[0].numpy()
-    want = pipeline.labels_from_logits(refined, None)
+    want = postprocess.labels_from_logits(refined, None)
     got = gem.segment(img, classes, None, size=(32, 40), pamr_iterations=10)
     probs = _softmax(100.0 * refined.astype(np.float64))
     top2 = np.sort(probs, axis=0)[-2:]
@@ -398,20 +401,20 @@ def test_segment_options(gem):
 
 
 def test_segment_with_synonyms(gem):
-    from gem_jax import pipeline
+    from gem_jax import pipeline, postprocess
 
     # Hand case: prompts 0 and 1 are synonyms of class 1, prompt 2 is class 2.
     x = np.zeros((3, 1, 2), np.float32)
     x[:, 0, 0] = [0.04, 0.04, 0.045]  # p = (.27, .27, .45): class 1 by max .27 < .45 -> class 2
     x[:, 0, 1] = [0.05, 0.0, 0.04]   # p = (.53, .04, .43): class 1
-    got = pipeline.labels_from_logits(x, None, query_class=np.array([0, 0, 1]))
+    got = postprocess.labels_from_logits(x, None, query_class=np.array([0, 0, 1]))
     assert got.tolist() == [[2, 1]]
     # The softmax runs over every prompt, before the max: not the same as summing synonyms.
     p = _softmax(100.0 * x[:, 0, 0].astype(np.float64))
     assert p[:2].sum() > p[2] > p[:2].max()
     img = np.random.default_rng(6).integers(0, 256, (32, 40, 3), dtype=np.uint8)
     logits = np.asarray(gem.heatmaps(img, ["cat", "kitty", "dog"], size=(32, 40)).logits[0])
-    want = pipeline.labels_from_logits(logits, 0.5, query_class=np.array([0, 0, 1]))
+    want = postprocess.labels_from_logits(logits, 0.5, query_class=np.array([0, 0, 1]))
     got = gem.segment(img, [["cat", "kitty"], "dog"], 0.5, size=(32, 40))
     np.testing.assert_array_equal(got, want)
     assert set(np.unique(got)) <= {0, 1, 2}

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gem_jax import gem as gem_lib
+from gem_jax.engine import attention, methods, tower
 from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.models import VisionTransformer, init_params
-from gem_jax.pipeline import GEM, Model
+from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
 from gem_jax.tokenizer import Tokenizer
 
 # Three heads, so chunks of 2 or 4 (image, head) pairs do not line up with images.
@@ -45,19 +46,19 @@ def setup():
 
 
 SCHEDULES = [
-    gem_lib.Schedule(head_chunk=1),
-    gem_lib.Schedule(head_chunk=2),
-    gem_lib.Schedule(head_chunk=4),  # 12 pairs: chunks of 4 span images
-    gem_lib.Schedule(image_chunk=1),
-    gem_lib.Schedule(image_chunk=3),  # largest divisor of 4 below 3: chunks of 2
-    gem_lib.Schedule(head_chunk=4, image_chunk=1),
+    tower.Schedule(head_chunk=1),
+    tower.Schedule(head_chunk=2),
+    tower.Schedule(head_chunk=4),  # 12 pairs: chunks of 4 span images
+    tower.Schedule(image_chunk=1),
+    tower.Schedule(image_chunk=3),  # largest divisor of 4 below 3: chunks of 2
+    tower.Schedule(head_chunk=4, image_chunk=1),
 ]
 OPTIONS = [
-    gem_lib.GEMOptions(layers=2),
-    gem_lib.GEMOptions(layers=3, iterations=2, projections=("k", "v")),
-    gem_lib.GEMOptions(layers=2, temperature=0.2, mlp=True),
-    gem_lib.GEMOptions(layers=2, normalize=False),
-    gem_lib.GEMOptions(layers=2, iterations=6),  # the fori_loop branch
+    methods.GEMOptions(layers=2),
+    methods.GEMOptions(layers=3, iterations=2, projections=("k", "v")),
+    methods.GEMOptions(layers=2, temperature=0.2, mlp=True),
+    methods.GEMOptions(layers=2, normalize=False),
+    methods.GEMOptions(layers=2, iterations=6),  # the fori_loop branch
     None,  # plain CLIP
 ]
 
@@ -69,13 +70,13 @@ def test_chunked_equals_plain(setup, opts, schedule):
     # The plain model on the same image groups the schedule steps through: XLA's CPU
     # kernels round differently by batch size (tokens ~8e-5 apart, max 3.9, at batch 1
     # against batch 4 here), which is not what this test is about.
-    c = pixels.shape[0] if schedule.image_chunk is None else gem_lib._largest_divisor(4, schedule.image_chunk)
+    c = pixels.shape[0] if schedule.image_chunk is None else attention.largest_divisor(4, schedule.image_chunk)
     with jax.default_matmul_precision("highest"):
-        plain_fn = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts))
+        plain_fn = jax.jit(lambda p, x: tower.vision_tokens(vit, p, x, opts))
         parts = [plain_fn(params["visual"], pixels[i:i + c]) for i in range(0, pixels.shape[0], c)]
         plain = {k: None if parts[0][k] is None else np.concatenate([np.asarray(q[k]) for q in parts])
                  for k in parts[0]}
-        chunked = jax.jit(lambda p, x: gem_lib.vision_tokens(vit, p, x, opts, schedule=schedule))(
+        chunked = jax.jit(lambda p, x: tower.vision_tokens(vit, p, x, opts, schedule=schedule))(
             params["visual"], pixels)
     for key in ("gem", "clip"):
         if plain[key] is None:
@@ -115,29 +116,29 @@ def test_head_chunks_bound_the_attention_maps(chunk):
 
     def biggest(schedule):
         def f(p, x):
-            return gem_lib.vision_tokens(vit, p, x, gem_lib.GEMOptions(layers=1), True, schedule)
+            return tower.vision_tokens(vit, p, x, methods.GEMOptions(layers=1), True, schedule)
         return largest_intermediate(jax.make_jaxpr(f)(params, pixels).jaxpr)
 
-    assert biggest(gem_lib.Schedule()) == 2 * 3 * n_n
-    assert biggest(gem_lib.Schedule(head_chunk=chunk)) == chunk * n_n
+    assert biggest(tower.Schedule()) == 2 * 3 * n_n
+    assert biggest(tower.Schedule(head_chunk=chunk)) == chunk * n_n
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
 def test_schedule_rejects_bad_chunks(bad):
     with pytest.raises(ValueError, match="head_chunk"):
-        gem_lib.Schedule(head_chunk=bad)
+        tower.Schedule(head_chunk=bad)
     with pytest.raises(ValueError, match="image_chunk"):
-        gem_lib.Schedule(image_chunk=bad)
+        tower.Schedule(image_chunk=bad)
 
 
 def test_auto_schedule_per_backend_and_size():
-    large, small = gem_lib.CPU_CHUNK_TOKENS, gem_lib.CPU_CHUNK_TOKENS - 1
-    assert gem_lib.Schedule.auto("cpu") == gem_lib.Schedule(head_chunk=4, image_chunk=1)
-    assert gem_lib.Schedule.auto("cpu", tokens=large) == gem_lib.Schedule(head_chunk=4, image_chunk=1)
-    assert gem_lib.Schedule.auto("cpu", tokens=small) == gem_lib.Schedule()
+    large, small = tower.CPU_CHUNK_TOKENS, tower.CPU_CHUNK_TOKENS - 1
+    assert tower.Schedule.auto("cpu") == tower.Schedule(head_chunk=4, image_chunk=1)
+    assert tower.Schedule.auto("cpu", tokens=large) == tower.Schedule(head_chunk=4, image_chunk=1)
+    assert tower.Schedule.auto("cpu", tokens=small) == tower.Schedule()
     for backend in ("gpu", "tpu"):
-        assert gem_lib.Schedule.auto(backend) == gem_lib.Schedule() == gem_lib.Schedule.auto(backend, tokens=large)
-    assert gem_lib.Schedule.resolve(gem_lib.Schedule(head_chunk=2)) == gem_lib.Schedule(head_chunk=2)
+        assert tower.Schedule.auto(backend) == tower.Schedule() == tower.Schedule.auto(backend, tokens=large)
+    assert tower.Schedule.resolve(tower.Schedule(head_chunk=2)) == tower.Schedule(head_chunk=2)
 
 
 def test_auto_schedule_follows_the_input_size():
@@ -151,14 +152,14 @@ def test_auto_schedule_follows_the_input_size():
 
     def jaxpr(side):
         def f(p, x):
-            return gem_lib.vision_tokens(vit, p, x, gem_lib.GEMOptions(layers=1), True, "auto")
+            return tower.vision_tokens(vit, p, x, methods.GEMOptions(layers=1), True, "auto")
         return jax.make_jaxpr(f)(params, jax.ShapeDtypeStruct((2, side, side, 3), jnp.float32)).jaxpr
 
     def loops(jaxpr) -> int:
         return sum(e.primitive.name == "scan" for e in jaxpr.eqns)  # lax.map is a scan
 
     n_small, n_large = (64 // 8) ** 2 + 1, (256 // 8) ** 2 + 1
-    assert n_small < gem_lib.CPU_CHUNK_TOKENS <= n_large
+    assert n_small < tower.CPU_CHUNK_TOKENS <= n_large
     assert loops(jaxpr(64)) == 0  # whole batch, all heads at once
     assert loops(jaxpr(256)) == 1  # a map over the images (the head maps nest inside it)
     assert largest_intermediate(jaxpr(256)) == 3 * n_large ** 2  # one image's three heads
@@ -177,7 +178,8 @@ SHARDED_RUN = textwrap.dedent("""
     import jax, numpy as np
     from gem_jax.config import CLIPConfig
     from gem_jax.models import init_params
-    from gem_jax.pipeline import GEM, Model
+    from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
     from gem_jax.tokenizer import Tokenizer
     from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
 
@@ -198,7 +200,7 @@ PROMPTS = [["cat", "dog"], ["car"], ["tree", "sky", "road"], ["cat"], ["dog", "c
 # One image per step: each image's program is then the same whatever the batch
 # per device, so sharded and single-device results agree to the last bit or two.
 # Whole-batch steps block the matmuls by batch size, which moves float32 rounding.
-PER_IMAGE = gem_lib.Schedule(head_chunk=4, image_chunk=1)
+PER_IMAGE = tower.Schedule(head_chunk=4, image_chunk=1)
 
 
 def images():
@@ -238,7 +240,8 @@ MULTI_HOST_WORKER = textwrap.dedent("""
                                process_id=process_id)
     import numpy as np
     from gem_jax.models import init_params
-    from gem_jax.pipeline import GEM, Model
+    from gem_jax.loading import Model
+from gem_jax.pipeline import GEM
     from gem_jax.tokenizer import Tokenizer
     from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
 

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gem_jax import gem as gem_lib
-from gem_jax.analysis.localization import _layer_tokens, as_pixels, visual_tower
-from gem_jax.gem import GEMOptions
+from gem_jax import postprocess
+from gem_jax.analysis.localization import as_pixels, layer_tokens, visual_tower
+from gem_jax.engine.gem import adaptive_inverse_temperature
+from gem_jax.engine.methods import GEMOptions
+from gem_jax.engine.tower import patch_logits
 from gem_jax.models import VisionTransformer
 from gem_jax.models.layers import l2_normalize, resize_2d
 
@@ -29,9 +31,9 @@ __all__ = [
     "soft_segmentation",
 ]
 
-#: CLIP's logit scale: class probabilities are ``softmax(100 * cosine)`` (as in
-#: :meth:`gem_jax.pipeline.GEM.segment`).
-LOGIT_SCALE = 100.0
+#: CLIP's logit scale: class probabilities are ``softmax(100 * cosine)`` (the label rule's,
+#: :func:`gem_jax.postprocess.label_rule`).
+LOGIT_SCALE = postprocess.LOGIT_SCALE
 
 
 def gem_logits(vit: VisionTransformer, params, pixels, text, opts: GEMOptions, inv_temp=None):
@@ -41,8 +43,8 @@ def gem_logits(vit: VisionTransformer, params, pixels, text, opts: GEMOptions, i
     ``opts``' own temperature (adaptive by default).
     """
     inv = {} if inv_temp is None else {"gem": inv_temp}
-    tokens = _layer_tokens(vit, (("gem", opts),), params, pixels, inv, False, True)["gem"][0]
-    sims = gem_lib.patch_logits(tokens, text, vit.grid_shape(pixels))
+    tokens = layer_tokens(vit, params, pixels, {"gem": opts}, inv_temps=inv, every_layer=False)["gem"][0]
+    sims = patch_logits(tokens, text, vit.grid_shape(pixels))
     return resize_2d(sims, pixels.shape[1:3], "bilinear", axes=(-2, -1))
 
 
@@ -61,10 +63,11 @@ def soft_segmentation(logits, threshold, sharpness: float = 0.02):
 def hard_segmentation(logits, threshold):
     """(..., P, H, W) cosines -> (..., H, W) int32 labels: 0 where the top class
     probability (``softmax(100 * cosine)``) is below ``threshold``, else ``1 + argmax``
-    (the rule of :func:`gem_jax.pipeline.labels_from_logits`)."""
-    probs = jax.nn.softmax(LOGIT_SCALE * logits.astype(jnp.float32), axis=-3)
-    labels = jnp.argmax(probs, axis=-3).astype(jnp.int32) + 1
-    return jnp.where(jnp.max(probs, axis=-3) < threshold, 0, labels)
+    (the label rule, :func:`gem_jax.postprocess.decide`; ``threshold`` may be traced)."""
+    probs = postprocess.class_probabilities(logits)
+    flat = probs.reshape(-1, *probs.shape[-3:])
+    labels = jax.vmap(lambda p: postprocess.decide(p, threshold))(flat)
+    return labels.reshape(*probs.shape[:-3], *probs.shape[-2:])
 
 
 def soft_iou(scores, labels):
@@ -110,7 +113,7 @@ def _adaptive_taus(vit, params, pixels, layers: int):
         taus = []
         for i, blk in enumerate(module.resblocks):
             if i >= n - layers:
-                inv = gem_lib.adaptive_inverse_temperature(blk.ln_1(x), blk.attn.head_dim)
+                inv = adaptive_inverse_temperature(blk.ln_1(x), blk.attn.head_dim)
                 taus.append(1.0 / inv.reshape(-1))
             if i < n - 1:
                 x = blk(x)
@@ -136,7 +139,7 @@ def class_prototypes(model, pixels, labels, n_classes: int, opts: GEMOptions | N
     vit, params = visual_tower(model)
     pixels = as_pixels(pixels, model.config.vision.patch_size)
     opts = opts or GEMOptions(layers=min(6, model.config.vision.layers))
-    tokens = np.asarray(_layer_tokens(vit, (("gem", opts),), params, pixels, {}, False, True)["gem"][0])
+    tokens = np.asarray(layer_tokens(vit, params, pixels, {"gem": opts}, every_layer=False)["gem"][0])
     patches = np.asarray(l2_normalize(jnp.asarray(tokens[:, 1:])))
     p = model.config.vision.patch_size
     centres = np.asarray(labels)[:, p // 2::p, p // 2::p].reshape(len(patches), -1)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gem_jax import gem as gem_lib
+from gem_jax.engine import gem as gem_maths
 from gem_jax.analysis.localization import as_pixels, visual_tower
 from gem_jax.models import VisionTransformer
 from gem_jax.models.layers import l2_normalize
@@ -102,7 +102,7 @@ def self_self_weights(p, inv_temp):
 def _step(p, inv_temp):
     # One step of the dynamics: p <- softmax(p^ p^T / tau) p^, with p^ = l2norm(p). It is
     # GEM's self-self attention with the normalised tokens as their own values.
-    return gem_lib.self_self_attention(p, l2_normalize(p), inv_temp, iterations=0)
+    return gem_maths.self_self_attention(p, l2_normalize(p), inv_temp, iterations=0)
 
 
 def iterate_self_self(x, temperature: float, iterations: int):
@@ -263,8 +263,8 @@ def tokens_at_layer(model, image, layer: int, projection: str = "v", *, size=Non
     Returns:
       (B, heads, 1 + h*w, head_dim) float32, class token first.
     """
-    if projection not in gem_lib.PROJECTIONS:
-        raise ValueError(f"projection must be one of {gem_lib.PROJECTIONS}, got {projection!r}")
+    if projection not in gem_maths.PROJECTIONS:
+        raise ValueError(f"projection must be one of {gem_maths.PROJECTIONS}, got {projection!r}")
     vit, params = visual_tower(model)
     pixels = as_pixels(image, model.config.vision.patch_size, size=size)
     layer = _block_index(layer, model.config.vision.layers)

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gem_jax import gem as gem_lib
-from gem_jax.gem import METHODS, GEMOptions
-from gem_jax.methods import TABLE, GEMAttention, Method, as_method, get_method
+from gem_jax import preprocess
+from gem_jax.engine.attention import GEMAttention
+from gem_jax.engine.methods import GEMOptions, Method, as_method, builtin_names, get_method
+from gem_jax.engine.tower import run_paths
 from gem_jax.models import VisionTransformer
 from gem_jax.models.layers import l2_normalize
 
@@ -34,11 +35,14 @@ __all__ = [
 ]
 
 
-def method_paths(n_blocks: int, names: Sequence[str] = METHODS) -> dict[str, Method]:
-    """``{name: Method}`` of the named methods (default all) with their official
-    defaults, the six-block ones on ``min(6, n_blocks)`` blocks."""
-    return {name: get_method(name, layers=min(TABLE[name].blocks, n_blocks) if TABLE[name].blocks > 1 else None)
-            for name in names}
+def method_paths(n_blocks: int, names: Sequence[str] | None = None) -> dict[str, Method]:
+    """``{name: Method}`` of the named methods (default the built-in ones) with their official
+    defaults, the multi-block ones on at most ``n_blocks`` blocks."""
+    out = {}
+    for name in names or builtin_names():
+        m = get_method(name)
+        out[name] = m.configure(layers=min(m.blocks, n_blocks)) if m.blocks > n_blocks else m
+    return out
 
 
 def default_paths(n_blocks: int, layers: int = 6) -> dict[str, GEMOptions | None]:
@@ -72,8 +76,6 @@ def as_pixels(image, patch_size: int, *, size=None):
         if arr.shape[1] % patch_size or arr.shape[2] % patch_size:
             raise ValueError(f"pixels {arr.shape[1]}x{arr.shape[2]} are not a multiple of the patch {patch_size}")
         return arr
-    from gem_jax import preprocess  # the image reader; only needed for raw images
-
     images = preprocess.as_image_list(image)
     out = []
     for im in images:
@@ -96,7 +98,7 @@ def _layer_tokens(vit, paths, params, pixels, inv_temps, every_layer: bool, head
     paths = dict(paths)
 
     def run(module, pixels):
-        res = gem_lib.run_paths(module, pixels, paths, inv_temps=inv_temps, every_layer=every_layer)
+        res = run_paths(module, pixels, paths, inv_temps=inv_temps, every_layer=every_layer)
         fn = module.head if head else (lambda t: t)
         return {name: jnp.stack([fn(t) for t in toks]) for name, toks in res.items()}
 
@@ -111,7 +113,7 @@ def layer_tokens(vit: VisionTransformer, params, pixels, paths: Mapping[str, Any
       vit: the image tower module (unbound).
       params: its parameters (``params["visual"]``).
       pixels: (B, H, W, 3) normalised pixels.
-      paths: ``{name: Method | GEMOptions | None}`` (:mod:`gem_jax.methods`; GEM
+      paths: ``{name: Method | GEMOptions | None}`` (:mod:`gem_jax.engine.methods`; GEM
         options are the GEM method with them; ``None`` is the original CLIP path).
         Default :func:`default_paths`.
       inv_temps: optional ``{name: 1/tau}`` overriding a GEM path's temperature with a
@@ -143,13 +145,13 @@ def layer_tokens(vit: VisionTransformer, params, pixels, paths: Mapping[str, Any
     return {name: out[name] for name in paths}
 
 
-def method_tokens(model, image, names: Sequence[str] = METHODS, *, size=None) -> dict[str, np.ndarray]:
+def method_tokens(model, image, names: Sequence[str] | None = None, *, size=None) -> dict[str, np.ndarray]:
     """Every named method's patch tokens on the same image(s), in the joint space.
 
     Args:
       model: a loaded model (``.config``, ``.params``).
       image: see :func:`as_pixels`.
-      names: methods (default all), each with its official defaults
+      names: methods (default the built-in ones), each with its official defaults
         (:func:`method_paths`).
       size: model input size for raw images.
     Returns:

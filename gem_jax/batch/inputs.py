@@ -28,12 +28,15 @@ class Item:
       path: the input path as given (a file), or ``TAR::MEMBER`` for a member of a tar shard.
       file: the file to read.
       offset, size: where the member's bytes are inside the tar (``None`` for a plain file).
+      error: why the input cannot be used, known when listing it (a tar member whose name
+        repeats); the job records it as an error row.
     """
 
     path: str
     file: str
     offset: int | None = None
     size: int | None = None
+    error: str | None = None
 
     def open(self):
         """A binary file object with the image's bytes."""
@@ -68,13 +71,24 @@ def _is_tar(name: str) -> bool:
 
 def tar_members(path: str) -> list[Item]:
     """The image members of an uncompressed tar shard (WebDataset layout: ``KEY.jpg`` beside
-    ``KEY.json`` and the like; only image extensions are taken)."""
+    ``KEY.json`` and the like; only image extensions are taken). A member name that repeats
+    is ambiguous (extracting the tar keeps the last copy): every copy becomes an error item."""
     try:
         with tarfile.open(path, "r:") as tar:
             members = [m for m in tar.getmembers() if m.isfile() and _is_image_name(m.name)]
     except (OSError, tarfile.TarError) as e:
         raise InputError(f"cannot read tar shard {path}: {e} (only uncompressed .tar is supported)") from None
-    return [Item(f"{path}{TAR_SEPARATOR}{m.name}", path, m.offset_data, m.size) for m in members]
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.name] = counts.get(m.name, 0) + 1
+    out = []
+    for m in members:
+        error = None
+        if counts[m.name] > 1:
+            error = (f"the tar shard holds {counts[m.name]} members named {m.name!r} (extracting it keeps only the "
+                     "last): give them distinct names")
+        out.append(Item(f"{path}{TAR_SEPARATOR}{m.name}", path, m.offset_data, m.size, error))
+    return out
 
 
 def _expand_one(text: str, from_list: bool) -> list[Item]:
@@ -90,6 +104,8 @@ def _expand_one(text: str, from_list: bool) -> list[Item]:
         return found
     if path.is_file():
         return tar_members(text) if _is_tar(text) else [Item(text, text)]
+    if path.exists():
+        raise InputError(f"input {text} is not a regular file or a directory (a device, socket or pipe)")
     if any(c in text for c in "*?["):
         matches = sorted(glob.glob(text, recursive=True))
         found = []
@@ -104,7 +120,7 @@ def _expand_one(text: str, from_list: bool) -> list[Item]:
 
 
 def expand_inputs(args: Sequence[str]) -> list[Item]:
-    """Every image named by ``args``, sorted by path, each once.
+    """Every image named by ``args``, sorted by path, each file once (by its real path).
 
     An argument is an image file, a directory (searched recursively for images and
     ``.tar`` shards), a glob pattern (``**`` recurses), an uncompressed ``.tar`` shard
@@ -128,7 +144,17 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
             found = _expand_one(arg, False)
         for it in found:
             items.setdefault(it.path, it)
-    return [items[k] for k in sorted(items)]
+    # the same file reached twice (a symlink, ``x/./a.jpg``, a directory symlink loop) once
+    seen: set = set()
+    out = []
+    for key in sorted(items):
+        it = items[key]
+        real = (os.path.realpath(it.file), it.offset if it.error is None else ("dup", it.path))
+        if real in seen:
+            continue
+        seen.add(real)
+        out.append(it)
+    return out
 
 
 def fingerprint(items: Sequence[Item]) -> str:

@@ -1,32 +1,50 @@
-"""The batch job: stream images through GEM in fixed-shape batches into resumable Parquet parts."""
+"""The batch job: stream images through a method in fixed-shape batches into resumable Parquet parts.
+
+What it guarantees (each through the shared services: :mod:`gem_jax.files` for writing and
+ownership, :mod:`gem_jax.checks` for prompts, the GEM's memory guard):
+
+- It replaces or deletes only files it recorded as its own; anything else in its way is
+  refused, naming the file (``--force`` included).
+- One process per shard at a time: a second run on the same ``--out`` and shard is refused
+  while the first holds its lock (the lock dies with its process).
+- Resumption is by content: the manifest records the weights' fingerprint (not how the
+  model was named) and every complete part's row count and checksum; a damaged part is
+  redone, and said so. Finished images of an interrupted part are kept (committed in pieces
+  as they complete), and both the interruption and the rerun say how many.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
 import pathlib
-import sys
-import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from gem_jax import checks, files, postprocess
 from gem_jax.batch import inputs as inputs_lib
 from gem_jax.batch import loader as loader_lib
-from gem_jax.batch import results as res
+from gem_jax.batch import store
+from gem_jax.batch.store import JobError
+from gem_jax.engine.tower import min_max
+from gem_jax.models.layers import resize_2d
+from gem_jax.pipeline import PROMPT_CHUNK
+from gem_jax.progress import Progress
+from gem_jax.text import bucket
 
 #: Images per device in one forward pass, by backend, when ``--batch-size`` is not given.
 DEFAULT_BATCH_PER_DEVICE = {"cpu": 8, "gpu": 32, "cuda": 32, "rocm": 32, "tpu": 32}
-
-
-class JobError(Exception):
-    """The job cannot be run as asked (the message says why in one sentence)."""
+#: Finished images of a part are committed as a piece at least this often (rows) ...
+PIECE_ROWS = 256
+#: ... or this often (seconds), and always when the run is interrupted.
+PIECE_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -34,13 +52,19 @@ class BatchOptions:
     """What a batch job writes and how it runs.
 
     Attributes:
-      prompts: the prompts (at least one).
-      part_size: images per part file (the unit of resumption and of sharding).
+      prompts: the prompts whose logits are stored.
+      classes: class names for label maps (their logits are computed with the prompts';
+        the label maps are of the classes). Default: the label maps are of the prompts.
+      store: per image, ``"logits"`` (the patch-grid logits of every prompt), ``"topk"``
+        (the ``top_k`` best prompts per patch and their logits: for large vocabularies) or
+        ``"labels"`` (only the label map).
+      top_k: K of ``store="topk"``.
+      part_size: images per part file (the unit of sharding).
       batch_size: images per forward pass (rounded up to whole shards per device);
         ``None`` for the backend's default.
       logits_dtype: ``"float16"`` or ``"float32"`` for the stored logits (and heatmaps).
       labels: also store label maps at each image's own size (PNG bytes).
-      background_threshold: with ``labels``: pixels whose top class probability is below
+      background_threshold: with label maps: pixels whose top class probability is below
         this are background (``None``: never).
       heatmaps: also store full-size min-max heatmaps at the input size.
       workers: decoding threads (default: the CPU count, at most 16).
@@ -49,12 +73,14 @@ class BatchOptions:
       loader: ``"thread"`` or ``"grain"``.
       max_pixels: images larger than this are recorded as errors without decoding.
       shard: (index, count); ``None``: JAX's process index and count.
-      force: delete an existing job's outputs in the directory and start over.
-      quiet: no progress output.
-      log_every: without a terminal, a progress line every this many images.
+      force: delete the files an earlier job in the directory recorded as its own, and
+        start over.
     """
 
     prompts: Sequence[str]
+    classes: Sequence[str] | None = None
+    store: str = "logits"
+    top_k: int = 5
     part_size: int = 1024
     batch_size: int | None = None
     logits_dtype: str = "float16"
@@ -67,8 +93,6 @@ class BatchOptions:
     max_pixels: int = loader_lib.Sizing.max_pixels
     shard: tuple[int, int] | None = None
     force: bool = False
-    quiet: bool = False
-    log_every: int = 1000
 
 
 @dataclasses.dataclass
@@ -77,9 +101,11 @@ class Summary:
 
     Attributes:
       shard: (index, count).
-      parts: the parts this shard owns; ``parts_written``: those written by this call.
-      images: images in this shard's parts; ``processed``: those this call went through.
+      parts: the parts this shard owns; ``parts_written``: those completed by this call.
+      images: images in this shard's parts; ``processed``: those this call went through;
+        ``kept``: finished images of interrupted parts an earlier run left, not redone.
       errors: images of this shard that failed (in all its parts, including earlier runs).
+      redone: parts found damaged (checksum or row count) and done again.
       job_complete: every part of the whole job (all shards) exists.
       elapsed_s: wall time of this call.
     """
@@ -89,51 +115,70 @@ class Summary:
     parts_written: int
     images: int
     processed: int
+    kept: int
     errors: int
+    redone: list[int]
     job_complete: bool
     elapsed_s: float
 
 
-def model_fingerprint(model) -> str:
-    """sha256 of the parameter names, shapes, dtypes and a strided sample of every leaf's values."""
-    h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
-    for path, leaf in leaves:
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{tuple(leaf.shape)}{leaf.dtype}".encode())
-        # On the host: slicing on the device would compile a program per leaf shape.
-        flat = np.asarray(jax.device_get(leaf)).reshape(-1)
-        h.update(np.asarray(flat[::max(1, flat.size // 4096)], np.float32).tobytes())
-    return h.hexdigest()
+class Interrupted(KeyboardInterrupt):
+    """The job stopped on Ctrl-C or SIGTERM; the message says what was kept and what remains."""
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+def default_shard() -> tuple[int, int]:
+    """(process index, process count) of JAX (``jax.distributed`` when initialised; else 0/1)."""
+    return jax.process_index(), jax.process_count()
 
 
-def job_spec(gem, model_name: str, items: Sequence[inputs_lib.Item], opts: BatchOptions) -> dict:
+def default_batch_size(mesh_size: int) -> int:
+    """``--batch-size``'s default: a backend's per-device figure times the devices (one figure on CPU)."""
+    backend = jax.default_backend()
+    return DEFAULT_BATCH_PER_DEVICE.get(backend, 8) * (mesh_size if backend != "cpu" else 1)
+
+
+def all_prompts(opts: BatchOptions) -> tuple[list[str], list[int] | None]:
+    """The prompts whose logits are computed (the prompts, then classes not among them) and the
+    column of each class (``None``: the label maps are of the prompts)."""
+    prompts = list(opts.prompts)
+    if not opts.classes:
+        return prompts, None
+    out = prompts + [c for c in dict.fromkeys(opts.classes) if c not in prompts]
+    column = {p: i for i, p in enumerate(out)}
+    return out, [column[c] for c in opts.classes]
+
+
+def job_spec(gem, items: Sequence[inputs_lib.Item], opts: BatchOptions) -> dict:
     """Everything that decides the results: a rerun into the same directory must match it."""
-    from gem_jax import __version__
-
-    # the method's whole description (blocks, attention and its options, residual, MLP, ...)
-    spec = dataclasses.asdict(gem.spec)
-    options = {"layers": spec.pop("blocks"), **spec, "feature_surgery": gem.feature_surgery}
-    return _jsonable({
-        "model": {"name": model_name, "fingerprint": model_fingerprint(gem.model),
-                  "config": dataclasses.asdict(gem.model.config)},
-        "method": gem.method,
-        "options": options,
-        "templates": list(gem.templates),
-        "prompts": list(opts.prompts),
-        "size": gem.size, "short_side": gem.short_side, "dtype": gem.dtype,
+    described = gem.describe()
+    return json.loads(json.dumps({
+        "gem": described,
+        "prompts": list(opts.prompts) if opts.prompts else list(opts.classes or []),
+        "classes": list(opts.classes) if opts.classes else None,
+        "store": opts.store, "top_k": opts.top_k if opts.store == "topk" else None,
         "logits_dtype": opts.logits_dtype,
-        "labels": opts.labels, "background_threshold": opts.background_threshold if opts.labels else None,
+        "labels": bool(opts.labels or opts.classes or opts.store == "labels"),
+        "background_threshold": opts.background_threshold,
         "heatmaps": opts.heatmaps,
         "max_pixels": opts.max_pixels,
         "inputs": {"count": len(items), "sha256": inputs_lib.fingerprint(items)},
         "part_size": opts.part_size,
-        "gem_jax": __version__,
-    })
+    }))
+
+
+#: Parts of the spec that do not decide the results (how the model was named, where from).
+_NOT_COMPARED = (("gem", "model", "name"),)
+
+
+def _comparable(spec: dict) -> dict:
+    spec = json.loads(json.dumps(spec))
+    for path in _NOT_COMPARED:
+        d = spec
+        for k in path[:-1]:
+            d = d.get(k, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            d.pop(path[-1], None)
+    return spec
 
 
 def _differences(old, new, prefix="") -> list[str]:
@@ -148,107 +193,495 @@ def _differences(old, new, prefix="") -> list[str]:
     return [f"{prefix} was {show(old)}, now {show(new)}"]
 
 
-def _manifest_doc(spec: dict, n_parts: int, counts: dict | None = None) -> dict:
-    return {"format": res.FORMAT, "version": res.FORMAT_VERSION, "spec": spec, "parts": n_parts,
-            "counts": counts or {"images": spec["inputs"]["count"], "parts": n_parts, "parts_complete": 0,
-                                 "records": 0, "errors": 0, "complete": False},
-            "schema": res.SCHEMA}
+def check_output(out_dir, *, force: bool) -> None:
+    """Before the model loads: refuses an ``out_dir`` holding files a batch job would replace
+    or delete but did not write (a foreign manifest, errors file or part files), naming them;
+    ``force`` never changes that."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.exists():
+        return
+    foreign = store.foreign_files(out_dir)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise JobError(f"{foreign[0]}{more} was not written by a gem-jax batch job (or was changed since); it is "
+                       "left alone: move it away or choose another --out")
+    if not force and (out_dir / store.MANIFEST).exists():
+        store.read_manifest(out_dir)  # readable and of our format
 
 
-def _clear(out_dir: pathlib.Path) -> None:
-    """Removes what a batch job writes (and nothing else)."""
-    parts = out_dir / res.PARTS
-    if parts.is_dir():
-        for f in parts.iterdir():
-            if f.name.startswith(("part-", ".part-")):
-                f.unlink()
-        if not any(parts.iterdir()):
-            parts.rmdir()
-    for name in (res.MANIFEST, res.ERRORS):
-        (out_dir / name).unlink(missing_ok=True)
+def _new_manifest(out_dir: pathlib.Path, spec: dict, n_parts: int) -> None:
+    """Creates the manifest unless one exists (hosts starting together agree on one)."""
+    path = out_dir / store.MANIFEST
+    doc = {"format": store.FORMAT, "version": store.FORMAT_VERSION, "spec": spec, "parts": n_parts,
+           "complete_parts": {}, "counts": {"images": spec["inputs"]["count"], "parts": n_parts,
+                                            "complete": False},
+           "schema": store.SCHEMA}
+    fd, tmp = files.open_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(files.dump_json(doc))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            files.publish(tmp, path, overwrite=False)  # atomic create-if-absent
+        except FileExistsError:
+            return
+        files.Ledger(out_dir).record(path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def prepare_directory(out_dir: pathlib.Path, spec: dict, n_parts: int, force: bool) -> None:
     """Creates the directory and its manifest, or checks that an existing job matches ``spec``."""
+    check_output(out_dir, force=force)
     if force:
-        _clear(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / res.PARTS).mkdir(exist_ok=True)
-    doc = _manifest_doc(spec, n_parts)
-    path = out_dir / res.MANIFEST
-    if not path.exists():
-        if any((out_dir / res.PARTS).glob("part-*.parquet")):
-            raise JobError(f"{out_dir} has part files but no {res.MANIFEST}; pass --force to start over")
-        fd, tmp = tempfile.mkstemp(prefix=f".{res.MANIFEST}.", suffix=".tmp", dir=out_dir)
-        res.readable(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(res.dump_json(doc))
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: hosts starting together agree on one manifest
-        except FileExistsError:
-            pass
-        except OSError:  # file systems without hard links
-            if not path.exists():
-                os.replace(tmp, path)
-        finally:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-    try:
-        existing = res.read_manifest(out_dir)
-    except ValueError as e:
-        raise JobError(str(e)) from None
-    if existing is None or existing.get("format") != res.FORMAT:
-        raise JobError(f"{path} is not a gem-jax batch manifest; pass --force to start over")
-    diffs = _differences(existing.get("spec"), spec)
+        store.clear_job(out_dir)
+    files.make_dirs(out_dir / store.PARTS)
+    files.remove_stale(out_dir)
+    if store.read_manifest(out_dir) is None:
+        if any((out_dir / store.PARTS).glob("part-*.parquet")):
+            raise JobError(f"{out_dir} has part files but no {store.MANIFEST}")
+        _new_manifest(out_dir, spec, n_parts)
+    existing = store.read_manifest(out_dir)
+    diffs = _differences(_comparable(existing.get("spec", {})), _comparable(spec))
     if diffs:
         more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
-        raise JobError(f"{out_dir} holds a different job: {diffs[0]}{more}; use another --out or pass --force "
-                       "to start over")
+        raise JobError(f"{out_dir} holds a different job: {diffs[0]}{more}; use another --out, or pass --force to "
+                       "delete that job's files and start over")
 
 
-class _PartWriter:
-    """One part file, written under a temporary name and renamed when whole."""
+def _verify_part(out_dir: pathlib.Path, part: int, expected_rows: int, recorded: dict | None) -> str | None:
+    """``None`` when part ``part`` is complete and sound, else why it must be (re)done."""
+    path = store.part_path(out_dir, part)
+    if not path.exists():
+        return "missing"
+    if not files.Ledger(path.parent).owned(path):
+        return "not written by this job"
+    if recorded is None:
+        # finished but killed before the manifest noted it: sound if it reads back whole
+        try:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_metadata(path).num_rows
+        except Exception:
+            return "unreadable"
+        return None if rows == expected_rows else f"{rows} rows instead of {expected_rows}"
+    if path.stat().st_size != recorded.get("bytes") or store.sha256_file(path) != recorded.get("sha256"):
+        return "its checksum differs from the manifest's"
+    if recorded.get("rows") != expected_rows:
+        return f"{recorded.get('rows')} rows instead of {expected_rows}"
+    return None
+
+
+def _labels_png(labels: np.ndarray, original_hw: tuple[int, int], n_classes: int) -> bytes:
+    from PIL import Image
+
+    if n_classes < 256:
+        im = Image.fromarray(labels.astype(np.uint8), mode="L")
+    else:
+        im = Image.fromarray(labels.astype(np.uint16))
+    if im.size != (original_hw[1], original_hw[0]):
+        im = im.resize((original_hw[1], original_hw[0]), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@functools.partial(jax.jit, static_argnames=("hw", "labels", "heatmaps", "out_dtype"))
+def _post(grid, threshold, columns, *, hw, labels: bool, heatmaps: bool, out_dtype):
+    """Device-side extras from the patch-grid logits (B, P, h, w): label maps (the label rule
+    on the ``columns``) and heatmaps at the input size, upsampled as :meth:`GEM.heatmaps` does."""
+    up = resize_2d(grid, hw, "bilinear", axes=(-2, -1))
+    out = {}
+    if heatmaps:
+        out["heatmaps"] = min_max(up).astype(out_dtype)
+    if labels:
+        probs = postprocess.class_probabilities(up[:, columns])
+        out["labels"] = jax.vmap(lambda p: postprocess.decide(p, threshold))(probs)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_topk(best_val, best_idx, grid, offset, valid, *, k):
+    """The running top ``k`` prompts per patch, merged with a chunk of logits (B, P, h, w)
+    whose prompt ``j`` is prompt ``offset + j`` (invalid prompts never win)."""
+    vals = jnp.where(valid[:, :, None, None], grid, -jnp.inf).transpose(0, 2, 3, 1)  # (B, h, w, P)
+    idx = jnp.broadcast_to(jnp.arange(grid.shape[1], dtype=jnp.int32) + offset, vals.shape)
+    all_val = jnp.concatenate([best_val, vals], axis=-1)
+    all_idx = jnp.concatenate([best_idx, idx], axis=-1)
+    top, where = jax.lax.top_k(all_val, k)
+    return top, jnp.take_along_axis(all_idx, where, axis=-1)
+
+
+class _Pieces:
+    """A part in progress: finished rows are committed as piece files in the part's pending
+    directory, and merged into the part file when the part is whole."""
 
     def __init__(self, out_dir: pathlib.Path, part: int, schema):
+        self.out_dir, self.part, self.schema = out_dir, part, schema
+        self.dir = store.pending_dir(out_dir, part)
+        self.buffer: list = []
+        self.buffered_rows = 0
+        self.committed_rows = 0
+        self.last_commit = time.monotonic()
+
+    def done_indices(self) -> set[int]:
+        """Indices of the images earlier runs finished in this part (from readable pieces)."""
         import pyarrow.parquet as pq
 
-        self.final = res.part_path(out_dir, part)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent)
-        os.close(fd)
-        res.readable(tmp)
-        self.tmp = pathlib.Path(tmp)
-        self.schema = schema
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", compression_level=1)
-        self.buffer: list = []
-        self.buffered_rows = self.buffered_bytes = 0
-        self.errors = 0
+        done: set[int] = set()
+        if not self.dir.is_dir():
+            return done
+        files.remove_stale(self.dir)
+        ledger = files.Ledger(self.dir)
+        for f in sorted(self.dir.glob("piece-*.parquet")):
+            if not ledger.owned(f):
+                continue
+            try:
+                done.update(pq.read_table(f, columns=["index"]).column("index").to_pylist())
+            except Exception:  # damaged: its images are done again
+                files.remove_owned(f)
+        return done
 
     def add(self, table) -> None:
         self.buffer.append(table)
         self.buffered_rows += table.num_rows
-        self.buffered_bytes += table.nbytes
-        if self.buffered_rows >= 256 or self.buffered_bytes >= 64 << 20:
-            self.flush()
+        if self.buffered_rows >= PIECE_ROWS or time.monotonic() - self.last_commit >= PIECE_SECONDS:
+            self.commit_piece()
 
-    def flush(self) -> None:
+    def commit_piece(self) -> int:
+        """Writes the buffered rows as a new piece; returns how many rows it held."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        if self.buffer:
-            self.writer.write_table(pa.concat_tables(self.buffer))
-            self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
+        n = self.buffered_rows
+        if not n:
+            return 0
+        files.make_dirs(self.dir)
+        existing = sorted(self.dir.glob("piece-*.parquet"))
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        path = self.dir / f"piece-{number:05d}.parquet"
+        table = pa.concat_tables(self.buffer)
+        files.atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1))
+        files.Ledger(self.dir).record(path)
+        self.buffer, self.buffered_rows = [], 0
+        self.committed_rows += n
+        self.last_commit = time.monotonic()
+        return n
 
-    def commit(self) -> None:
-        self.flush()
-        self.writer.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
+    def finish(self, expected: int) -> tuple[int, int]:
+        """Merges the pieces and the buffer into the part file, sorted by index; records it;
+        returns (rows, errors)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-    def abort(self) -> None:
+        ledger = files.Ledger(self.dir) if self.dir.is_dir() else None
+        pieces = [f for f in sorted(self.dir.glob("piece-*.parquet")) if ledger and ledger.owned(f)] \
+            if self.dir.is_dir() else []
+        tables = [pq.read_table(f, schema=self.schema) for f in pieces] + self.buffer
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        table = table.sort_by("index")
+        if table.num_rows != expected:
+            raise JobError(f"part {self.part} holds {table.num_rows} rows instead of {expected}: its pending "
+                           f"pieces in {self.dir} disagree with the input list")
+        final = store.part_path(self.out_dir, self.part)
+        files.atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1))
+        files.Ledger(final.parent).record(final)
+        errors = table.num_rows - int(pc.sum(pc.is_null(table["error"]).cast("int64")).as_py() or 0)
+        store.record_part(self.out_dir, self.part, table.num_rows, errors)
+        if self.dir.is_dir():
+            store.remove_tree_owned(self.dir)
+        self.buffer, self.buffered_rows = [], 0
+        return table.num_rows, errors
+
+
+def _finish_job(out_dir: pathlib.Path, n_parts: int) -> bool:
+    """When every part is complete: the job-wide errors.jsonl and the manifest's counts.
+    Returns whether the job is complete."""
+    with store.manifest_lock(out_dir):
+        doc = store.read_manifest(out_dir)
+        recorded = doc.get("complete_parts", {})
+        names = [store.part_path(out_dir, j).name for j in range(n_parts)]
+        if not all(n in recorded for n in names):
+            return False
+        if doc.get("counts", {}).get("complete"):
+            return True
+        errors = store.Results(out_dir, errors=True).errors()
+        path = out_dir / store.ERRORS
+        if os.path.lexists(path) and not files.Ledger(out_dir).owned(path):
+            raise JobError(f"{path} was not written by this job; it is left alone and the job's errors are in the "
+                           "error column of the part files")
+        files.write_bytes(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
+        files.Ledger(out_dir).record(path)
+        rows = sum(recorded[n]["rows"] for n in names)
+        doc["counts"] = {"images": doc["spec"]["inputs"]["count"], "parts": n_parts, "records": rows - len(errors),
+                         "errors": len(errors), "complete": True}
+        store.write_manifest(out_dir, doc)
+    return True
+
+
+def run(gem, items: Sequence[inputs_lib.Item], out_dir, opts: BatchOptions, *,
+        progress: Progress | None = None) -> Summary:
+    """Runs (or resumes) a batch job of ``gem`` over ``items`` into ``out_dir``.
+
+    The sorted input list is cut into parts of ``opts.part_size`` images; this process
+    writes the parts of its shard that are not complete yet, committing finished images in
+    pieces as it goes, so a killed run resumes where it stopped and a finished one does
+    nothing. Raises :class:`JobError` when ``out_dir`` holds a different job or files the
+    job did not write, :class:`~gem_jax.checks.PromptError` for prompts the model cannot
+    tell apart, :class:`~gem_jax.engine.cost.MemoryLimitError` when a batch would not fit,
+    and :class:`Interrupted` (after committing what was finished) on Ctrl-C.
+    """
+    progress = progress or Progress("batch")
+    t0 = time.perf_counter()
+    out_dir = pathlib.Path(out_dir)
+    if not items:
+        raise JobError("no input images")
+    if opts.logits_dtype not in ("float16", "float32"):
+        raise JobError(f"logits dtype must be float16 or float32, got {opts.logits_dtype!r}")
+    if opts.store not in store.STORES:
+        raise JobError(f"store must be one of {', '.join(store.STORES)}, got {opts.store!r}")
+    prompts, class_columns = all_prompts(opts)
+    if not prompts:
+        raise JobError("no prompts given")
+    opts_prompts = checks.clean_prompts(opts.prompts) if opts.prompts else []
+    checks.distinguishable(gem.model.tokenizer, opts_prompts, gem.templates)
+    if opts.classes:
+        checks.distinguishable(gem.model.tokenizer, checks.clean_prompts(opts.classes, "class name"),
+                               gem.templates, "class name")
+    for p in checks.truncated(gem.model.tokenizer, prompts, gem.templates):
+        progress.note(f"the prompt {p[:60]!r} is longer than the model's {gem.model.tokenizer.context_length}-token "
+                      "context: it is cut, and the model does not see its end")
+    if opts.store == "topk" and not 1 <= opts.top_k <= len(opts.prompts or prompts):
+        raise JobError(f"--top-k must be between 1 and the {len(opts.prompts or prompts)} prompts, got {opts.top_k}")
+    index, count = opts.shard or default_shard()
+    if not 0 <= index < count:
+        raise JobError(f"shard index {index} is not in [0, {count})")
+    mesh_size = gem.mesh.size
+    b = opts.batch_size or default_batch_size(mesh_size)
+    b = -(-b // mesh_size) * mesh_size
+    nominal = gem.input_size((max(gem.short_side or 1, 1), max(gem.short_side or 1, 1)))
+    gem.check_memory(nominal, b, min(len(prompts), PROMPT_CHUNK), upsampled=opts.labels or opts.heatmaps
+                     or opts.store == "labels" or bool(opts.classes))
+
+    spec = job_spec(gem, items, opts)
+    ranges = inputs_lib.part_ranges(len(items), opts.part_size)
+    files.make_dirs(out_dir)
+    lock = store.ShardLock(out_dir, index, count)
+    lock.acquire()
+    try:
+        prepare_directory(out_dir, spec, len(ranges), opts.force)
+        mine = inputs_lib.shard_parts(len(ranges), index, count)
+        recorded = (store.read_manifest(out_dir) or {}).get("complete_parts", {})
+        todo, redone = [], []
+        for j in mine:
+            why = _verify_part(out_dir, j, len(ranges[j]), recorded.get(store.part_path(out_dir, j).name))
+            if why is None:
+                if store.part_path(out_dir, j).name not in recorded:
+                    rows, errors = _count(store.part_path(out_dir, j))
+                    store.record_part(out_dir, j, rows, errors)
+                continue
+            if why not in ("missing",):
+                redone.append(j)
+                progress.note(f"part {j} ({store.part_path(out_dir, j).name}) is damaged ({why}): doing it again")
+                files.remove_owned(store.part_path(out_dir, j))
+            todo.append(j)
+        n_mine = sum(len(ranges[j]) for j in mine)
+        processed = kept = 0
+        if todo:
+            processed, kept = _process(gem, items, ranges, todo, out_dir, opts, prompts, class_columns, b, progress)
+        else:
+            progress.say(f"nothing to do: the {len(mine)} part(s) of shard {index}/{count} in {out_dir} are complete")
+        recorded = (store.read_manifest(out_dir) or {}).get("complete_parts", {})
+        errors = sum(recorded.get(store.part_path(out_dir, j).name, {}).get("errors", 0) for j in mine)
+        complete = _finish_job(out_dir, len(ranges))
+    finally:
+        lock.release()
+    return Summary((index, count), len(mine), len(todo), n_mine, processed, kept, errors, redone, complete,
+                   time.perf_counter() - t0)
+
+
+def _count(path: pathlib.Path) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(path, columns=["error"]).column("error")
+    return len(col), len(col) - col.null_count
+
+
+def _process(gem, items, ranges, todo, out_dir, opts, prompts, class_columns, b, progress) -> tuple[int, int]:
+    import pyarrow as pa
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from PIL import Image
+
+    if opts.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = opts.max_pixels  # our own limit is checked before Pillow's
+    data = NamedSharding(gem.mesh, P("data"))
+    n_store = len(opts.prompts) if opts.prompts else len(prompts)  # prompts stored (logits, top-k)
+    text = gem.embed_text(prompts)
+    chunk = len(prompts) if gem.feature_surgery else min(len(prompts), PROMPT_CHUNK)
+    p_bucket = bucket(chunk, 8)
+    chunks = []
+    for p0 in range(0, len(prompts), p_bucket):
+        n = min(p_bucket, len(prompts) - p0)
+        t = np.zeros((p_bucket, text.shape[1]), np.float32)
+        t[:n] = text[p0:p0 + n]
+        m = np.zeros((p_bucket,), bool)
+        m[:n] = True
+        chunks.append((p0, n, jax.device_put(np.ascontiguousarray(np.broadcast_to(t, (b, *t.shape))), data),
+                       jax.device_put(np.broadcast_to(m, (b, p_bucket)).copy(), data)))
+    columns = np.asarray(class_columns if class_columns is not None else range(n_store), np.int32)
+    threshold = np.float32(-1.0 if opts.background_threshold is None else opts.background_threshold)
+    out_dtype = np.float16 if opts.logits_dtype == "float16" else np.float32
+    labels = bool(opts.labels or opts.classes or opts.store == "labels")
+    schema = store.arrow_schema(opts.store, opts.logits_dtype, labels, opts.heatmaps)
+    workers = opts.workers or min(16, os.cpu_count() or 1)
+    prefetch = opts.prefetch or 2 * b + workers
+    sizing = loader_lib.Sizing(gem.size, gem.short_side, gem.model.config.vision.patch_size, opts.max_pixels,
+                               max_long_side=gem.max_long_side)
+    need_full = labels or opts.heatmaps
+
+    pieces = {j: _Pieces(out_dir, j, schema) for j in todo}
+    done = {j: pieces[j].done_indices() for j in todo}
+    kept = sum(len(d) for d in done.values())
+    total = sum(len(ranges[j]) for j in todo)
+    progress.say(f"{total - kept} image(s) in {len(todo)} part(s) to do"
+                 + (f" ({kept} finished earlier are kept)" if kept else "")
+                 + f", batches of {b} on {gem.mesh.size} {jax.default_backend()} device(s), {workers} decoding "
+                 f"thread(s)")
+    pairs = [(i, items[i]) for j in todo for i in ranges[j] if i not in done[j]]
+    stream = loader_lib.stream(pairs if opts.loader == "grain" else iter(pairs), sizing, workers=workers,
+                               prefetch=prefetch, loader=opts.loader)
+    value_type = schema.field("logits").type.value_type if opts.store == "logits" else (
+        schema.field("topk_logits").type.value_type if opts.store == "topk" else pa.float32())
+    inflight: list = []
+    compiled: set = set()
+    bar = progress.bar(total, initial=kept)
+
+    def columns_of(group, grid_hw):
+        n = len(group)
+        shown = [store.display_path(d.item.path) for d in group]
+        return {"index": pa.array([d.index for d in group], pa.int64()),
+                "path": pa.array([s for s, _ in shown], pa.string()),
+                "path_bytes": pa.array([raw for _, raw in shown], pa.binary()),
+                "error": pa.nulls(n, pa.string()),
+                "height": pa.array([d.original_hw[0] for d in group], pa.int32()),
+                "width": pa.array([d.original_hw[1] for d in group], pa.int32()),
+                "input_height": pa.array([d.input_hw[0] for d in group], pa.int32()),
+                "input_width": pa.array([d.input_hw[1] for d in group], pa.int32()),
+                "grid_height": pa.array([grid_hw[0]] * n, pa.int32()),
+                "grid_width": pa.array([grid_hw[1]] * n, pa.int32())}
+
+    def collect():
+        part, group, results = inflight.pop()
+        results = jax.device_get(results)
+        n = len(group)
+        grid_hw = results["grid_hw"]
+        cols = columns_of(group, grid_hw)
+        if opts.store == "logits":
+            cols["logits"] = _list_column(results["logits"][:n].astype(out_dtype), value_type)
+        elif opts.store == "topk":
+            cols["topk_index"] = _list_column(results["topk_index"][:n].astype(np.int32), pa.int32())
+            cols["topk_logits"] = _list_column(results["topk_logits"][:n].astype(out_dtype), value_type)
+        if labels:
+            n_classes = len(columns)
+            cols["labels_png"] = pa.array([_labels_png(results["labels"][r], d.original_hw, n_classes)
+                                           for r, d in enumerate(group)], pa.binary())
+        if opts.heatmaps:
+            cols["heatmaps"] = _list_column(results["heatmaps"][:n], value_type, large=True)
+        pieces[part].add(pa.table(cols, schema=schema))
+        bar.update(n)
+
+    def submit(part, group):
+        hw = tuple(group[0].input_hw)
+        if hw not in compiled:
+            gem.check_memory(hw, b, p_bucket, upsampled=need_full)
+            compiled.add(hw)
+        pixels = np.zeros((b, *hw, 3), np.float32)
+        for r, d in enumerate(group):
+            pixels[r] = d.pixels
+            d.pixels = None  # the device has them now
+        tokens = gem.tokens(pixels)
+        results: dict[str, Any] = {}
+        grids = []
+        best = None
+        for p0, n, text_b, mask_b in chunks:
+            grid = gem.grid_logits(tokens, text_b, mask_b)
+            results["grid_hw"] = grid.shape[2:]
+            if opts.store == "topk" and p0 < n_store:
+                valid = mask_b & (jnp.arange(p_bucket)[None] + p0 < n_store)
+                if best is None:
+                    shape = (b, *grid.shape[2:], opts.top_k)
+                    best = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.int32))
+                best = _merge_topk(*best, grid, p0, valid, k=opts.top_k)
+            if opts.store == "logits" or need_full:
+                grids.append(grid[:, :n])
+        if grids:
+            full = jnp.concatenate(grids, axis=1) if len(grids) > 1 else grids[0]
+            if opts.store == "logits":
+                results["logits"] = full[:, :n_store]
+            if need_full:
+                results.update(_post(full, threshold, columns, hw=hw, labels=labels, heatmaps=opts.heatmaps,
+                                     out_dtype=out_dtype))
+        if best is not None:
+            results["topk_logits"], results["topk_index"] = best
+        inflight.insert(0, (part, group, results))
+        if len(inflight) > 1:  # keep one batch on the device while the previous one is written
+            collect()
+
+    processed = 0
+    finished_parts: set[int] = set()
+    try:
+        for j in todo:
+            buckets: dict[tuple[int, int], list] = {}
+            failed = []
+            for _ in range(len(ranges[j]) - len(done[j])):
+                d = next(stream)
+                if d.error is not None:
+                    failed.append(d)
+                    continue
+                group = buckets.setdefault(d.input_hw, [])
+                group.append(d)
+                if len(group) == b:
+                    submit(j, buckets.pop(d.input_hw))
+            for hw in list(buckets):
+                submit(j, buckets.pop(hw))
+            while inflight:
+                collect()
+            if failed:
+                n = len(failed)
+                cols = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
+                shown = [store.display_path(d.item.path) for d in failed]
+                cols["index"] = pa.array([d.index for d in failed], pa.int64())
+                cols["path"] = pa.array([s for s, _ in shown], pa.string())
+                cols["path_bytes"] = pa.array([raw for _, raw in shown], pa.binary())
+                cols["error"] = pa.array([d.error for d in failed], pa.string())
+                pieces[j].add(pa.table(cols, schema=schema))
+                bar.update(n)
+            pieces[j].finish(len(ranges[j]))
+            finished_parts.add(j)
+            processed += len(ranges[j]) - len(done[j])
+    except KeyboardInterrupt:
+        # keep what was finished: the batches already computed, then the buffered rows
         try:
-            self.writer.close()
+            while inflight:
+                collect()
         except Exception:
-            pass
-        self.tmp.unlink(missing_ok=True)
+            inflight.clear()
+        for j in todo:
+            if j not in finished_parts:
+                pieces[j].commit_piece()
+        now = processed + sum(pieces[j].committed_rows for j in todo if j not in finished_parts)
+        raise Interrupted(f"interrupted: kept {kept + now} finished image(s) of the {total} to do in {out_dir} "
+                          f"({now} from this run); {total - kept - now} remain; rerun the same command to go on") \
+            from None
+    finally:
+        bar.close()
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return processed, kept
 
 
 def _list_column(rows: np.ndarray, value_type, large: bool = False):
@@ -261,279 +694,3 @@ def _list_column(rows: np.ndarray, value_type, large: bool = False):
     offsets = pa.array(np.arange(n + 1, dtype=np.int64 if large else np.int32) * per)
     cls = pa.LargeListArray if large else pa.ListArray
     return cls.from_arrays(offsets, pa.array(flat, type=value_type))
-
-
-def _labels_png(labels: np.ndarray, original_hw: tuple[int, int], n_prompts: int) -> bytes:
-    from PIL import Image
-
-    if n_prompts < 256:
-        im = Image.fromarray(labels.astype(np.uint8), mode="L")
-    else:
-        im = Image.fromarray(labels.astype(np.uint16))
-    if im.size != (original_hw[1], original_hw[0]):
-        im = im.resize((original_hw[1], original_hw[0]), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-@functools.partial(jax.jit, static_argnames=("hw", "labels", "heatmaps", "out_dtype"))
-def _post(grid, threshold, *, hw, labels: bool, heatmaps: bool, out_dtype):
-    """Device-side extras from the patch-grid logits (B, P, h, w): label maps and heatmaps at
-    the input size, upsampled as :meth:`GEM.heatmaps` does."""
-    import jax.numpy as jnp
-
-    from gem_jax import gem as gem_lib
-    from gem_jax.models.layers import resize_2d
-
-    up = resize_2d(grid, hw, "bilinear", axes=(-2, -1))
-    out = {}
-    if heatmaps:
-        out["heatmaps"] = gem_lib.min_max(up).astype(out_dtype)
-    if labels:
-        # As labels_from_logits: the top prompt, background where its softmax probability
-        # (over prompts, of 100 x cosine) is below the threshold.
-        top = jnp.max(up, axis=1, keepdims=True)
-        p_top = 1.0 / jnp.sum(jnp.exp(100.0 * (up - top)), axis=1)
-        lab = jnp.argmax(up, axis=1).astype(jnp.int32) + 1
-        out["labels"] = jnp.where(p_top < threshold, 0, lab)
-    return out
-
-
-class _Progress:
-    def __init__(self, total: int, quiet: bool, log_every: int, say: Callable[[str], None]):
-        self.total, self.quiet, self.log_every, self.say = total, quiet, log_every, say
-        self.done = 0
-        self.start = time.perf_counter()
-        self.bar = None
-        self.next_log = log_every
-        if not quiet and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="batch", unit="image", file=sys.stderr, smoothing=0.05)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and (self.done >= self.next_log or self.done == self.total):
-            while self.next_log <= self.done:
-                self.next_log += self.log_every
-            elapsed = time.perf_counter() - self.start
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            self.say(f"batch: {self.done}/{self.total} images, {rate:.1f} images/s, ETA {_duration(eta)}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds != seconds:
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def default_shard() -> tuple[int, int]:
-    """(process index, process count) of JAX (``jax.distributed`` when initialised; else 0/1)."""
-    return jax.process_index(), jax.process_count()
-
-
-def default_batch_size(mesh_size: int) -> int:
-    """``--batch-size``'s default: a backend's per-device figure times the devices (one figure on CPU)."""
-    return DEFAULT_BATCH_PER_DEVICE.get(jax.default_backend(), 8) * (mesh_size if jax.default_backend() != "cpu" else 1)
-
-
-def _count_errors(paths: Sequence[pathlib.Path]) -> tuple[int, int]:
-    import pyarrow.parquet as pq
-
-    records = errors = 0
-    for p in paths:
-        col = pq.read_table(p, columns=["error"]).column("error")
-        records += len(col)
-        errors += len(col) - col.null_count
-    return records, errors
-
-
-def _finish_job(out_dir: pathlib.Path, spec: dict, n_parts: int) -> bool:
-    """When every part exists: the job-wide errors.jsonl and the manifest's counts. Returns
-    whether the job is complete."""
-    done = [res.part_path(out_dir, j) for j in range(n_parts) if res.part_path(out_dir, j).exists()]
-    if len(done) < n_parts:
-        return False
-    results = res.Results(out_dir)
-    errors = results.errors()
-    res.write_atomic(out_dir / res.ERRORS, "".join(json.dumps(e) + "\n" for e in errors).encode("utf-8"))
-    records, _ = _count_errors(done)
-    counts = {"images": spec["inputs"]["count"], "parts": n_parts, "parts_complete": len(done),
-              "records": records - len(errors), "errors": len(errors), "complete": True}
-    res.write_atomic(out_dir / res.MANIFEST, res.dump_json(_manifest_doc(spec, n_parts, counts)))
-    return True
-
-
-def run(gem, items: Sequence[inputs_lib.Item], out_dir, opts: BatchOptions, *, model_name: str = "model",
-        say: Callable[[str], None] | None = None) -> Summary:
-    """Runs (or resumes) a batch job of ``gem`` over ``items`` into ``out_dir``.
-
-    The sorted input list is cut into parts of ``opts.part_size`` images; this process
-    writes the parts of its shard that do not exist yet, each under a temporary name
-    renamed when whole, so a killed run resumes where it stopped and a finished one does
-    nothing. Raises :class:`JobError` when ``out_dir`` holds a different job.
-    """
-    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    t0 = time.perf_counter()
-    out_dir = pathlib.Path(out_dir)
-    if not items:
-        raise JobError("no input images")
-    if opts.logits_dtype not in ("float16", "float32"):
-        raise JobError(f"logits dtype must be float16 or float32, got {opts.logits_dtype!r}")
-    prompts = list(opts.prompts)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise JobError("prompts must be a non-empty list of non-empty strings")
-    if len(set(prompts)) != len(prompts):
-        raise JobError("a prompt is given twice")
-    index, count = opts.shard or default_shard()
-    if not 0 <= index < count:
-        raise JobError(f"shard index {index} is not in [0, {count})")
-    spec = job_spec(gem, model_name, items, opts)
-    ranges = inputs_lib.part_ranges(len(items), opts.part_size)
-    prepare_directory(out_dir, spec, len(ranges), opts.force)
-
-    mine = inputs_lib.shard_parts(len(ranges), index, count)
-    todo = [j for j in mine if not res.part_path(out_dir, j).exists()]
-    for j in todo:  # leftovers of a killed run: never complete, never read
-        for stale in (out_dir / res.PARTS).glob(f".part-{j:05d}.parquet.*.tmp"):
-            stale.unlink(missing_ok=True)
-    n_mine = sum(len(ranges[j]) for j in mine)
-    written = processed = 0
-    if todo:
-        processed = _process(gem, items, ranges, todo, out_dir, opts, spec, say)
-        written = len(todo)
-    else:
-        say(f"batch: nothing to do: the {len(mine)} part(s) of shard {index}/{count} in {out_dir} are complete")
-    _, errors = _count_errors([res.part_path(out_dir, j) for j in mine])
-    complete = _finish_job(out_dir, spec, len(ranges))
-    return Summary((index, count), len(mine), written, n_mine, processed, errors, complete,
-                   time.perf_counter() - t0)
-
-
-def _process(gem, items, ranges, todo, out_dir, opts, spec, say) -> int:
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from PIL import Image
-
-    if opts.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = opts.max_pixels  # our own limit is checked before Pillow's
-    mesh_size = gem.mesh.size
-    b = opts.batch_size or default_batch_size(mesh_size)
-    b = -(-b // mesh_size) * mesh_size
-    data = NamedSharding(gem.mesh, P("data"))
-    prompts = list(opts.prompts)
-    text = gem.embed_text(prompts)
-    text_b = jax.device_put(np.ascontiguousarray(np.broadcast_to(text, (b, *text.shape))), data)
-    mask_b = jax.device_put(np.ones((b, len(prompts)), bool), data)
-    threshold = np.float32(-1.0 if opts.background_threshold is None else opts.background_threshold)
-    out_dtype = np.float16 if opts.logits_dtype == "float16" else np.float32
-    schema = res.arrow_schema(opts.logits_dtype, opts.labels, opts.heatmaps)
-    workers = opts.workers or min(16, os.cpu_count() or 1)
-    prefetch = opts.prefetch or 2 * b + workers
-    sizing = loader_lib.Sizing(gem.size, gem.short_side, gem.model.config.vision.patch_size, opts.max_pixels)
-    total = sum(len(ranges[j]) for j in todo)
-    progress = _Progress(total, opts.quiet, opts.log_every, say)
-    if not opts.quiet:
-        say(f"batch: {total} image(s) in {len(todo)} part(s) to do, batches of {b} on "
-            f"{mesh_size} {jax.default_backend()} device(s), {workers} decoding thread(s)")
-    pairs = ((i, items[i]) for j in todo for i in ranges[j])
-    if opts.loader == "grain":
-        pairs = list(pairs)  # grain indexes a sequence
-    stream = loader_lib.stream(pairs, sizing, workers=workers, prefetch=prefetch, loader=opts.loader)
-
-    import pyarrow as pa
-
-    value_type = schema.field("logits").type.value_type
-    inflight: list = []
-
-    def collect():
-        writer, group, grid, post = inflight.pop()
-        grid, post = jax.device_get((grid, post))
-        n = len(group)
-        cols: dict[str, Any] = {
-            "index": pa.array([d.index for d in group], pa.int64()),
-            "path": pa.array([d.item.path for d in group], pa.string()),
-            "error": pa.nulls(n, pa.string()),
-            "height": pa.array([d.original_hw[0] for d in group], pa.int32()),
-            "width": pa.array([d.original_hw[1] for d in group], pa.int32()),
-            "input_height": pa.array([d.input_hw[0] for d in group], pa.int32()),
-            "input_width": pa.array([d.input_hw[1] for d in group], pa.int32()),
-            "grid_height": pa.array([grid.shape[2]] * n, pa.int32()),
-            "grid_width": pa.array([grid.shape[3]] * n, pa.int32()),
-            "prompts": pa.array([prompts] * n, pa.list_(pa.string())),
-            "logits": _list_column(grid[:n].astype(out_dtype), value_type),
-        }
-        if opts.labels:
-            cols["labels_png"] = pa.array([_labels_png(post["labels"][r], d.original_hw, len(prompts))
-                                           for r, d in enumerate(group)], pa.binary())
-        if opts.heatmaps:
-            cols["heatmaps"] = _list_column(post["heatmaps"][:n], value_type, large=True)
-        writer.add(pa.table(cols, schema=schema))
-        progress.update(n)
-
-    def submit(writer, group):
-        hw = group[0].input_hw
-        pixels = np.zeros((b, *hw, 3), np.float32)
-        for r, d in enumerate(group):
-            pixels[r] = d.pixels
-        grid = gem._grid(gem._vparams, pixels, text_b, mask_b)
-        post = None
-        if opts.labels or opts.heatmaps:
-            post = _post(grid, threshold, hw=tuple(hw), labels=opts.labels, heatmaps=opts.heatmaps,
-                         out_dtype=out_dtype)
-        for d in group:
-            d.pixels = None  # the device has them now
-        inflight.insert(0, (writer, group, grid, post))
-        if len(inflight) > 1:  # keep one batch on the device while the previous one is written
-            collect()
-
-    processed = 0
-    writer = None
-    try:
-        for j in todo:
-            writer = _PartWriter(out_dir, j, schema)
-            buckets: dict[tuple[int, int], list] = {}
-            failed = []
-            for _ in ranges[j]:
-                d = next(stream)
-                if d.error is not None:
-                    failed.append(d)
-                    continue
-                bucket = buckets.setdefault(d.input_hw, [])
-                bucket.append(d)
-                if len(bucket) == b:
-                    submit(writer, buckets.pop(d.input_hw))
-            for hw in list(buckets):
-                submit(writer, buckets.pop(hw))
-            while inflight:
-                collect()
-            if failed:
-                n = len(failed)
-                cols = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
-                cols["index"] = pa.array([d.index for d in failed], pa.int64())
-                cols["path"] = pa.array([d.item.path for d in failed], pa.string())
-                cols["error"] = pa.array([d.error for d in failed], pa.string())
-                writer.add(pa.table(cols, schema=schema))
-                progress.update(n)
-            writer.commit()
-            writer = None
-            processed += len(ranges[j])
-    finally:
-        if writer is not None:
-            writer.abort()
-        progress.close()
-        stream_close = getattr(stream, "close", None)
-        if stream_close is not None:
-            stream_close()
-    return processed

@@ -60,6 +60,7 @@ class Sizing:
       max_pixels: images with more pixels than this are refused before decoding
         (decompression bombs).
       keep_image: also hand over the decoded uint8 image (:attr:`Decoded.image`).
+      max_long_side: with ``short_side``, the long side's cap (as :class:`gem_jax.GEM`'s).
     """
 
     size: int | tuple[int, int] | None
@@ -67,6 +68,7 @@ class Sizing:
     patch_size: int
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
     keep_image: bool = False
+    max_long_side: int | None = None
 
 
 def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
@@ -74,6 +76,8 @@ def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
 
     Never raises for a bad image: the reason is in ``error``.
     """
+    if item.error is not None:
+        return Decoded(index, item, error=item.error)
     try:
         if item.size == 0 or (item.offset is None and os.path.getsize(item.file) == 0):
             raise preprocess.ImageError("the file is empty (0 bytes)")
@@ -84,7 +88,8 @@ def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
                                             f"{sizing.max_pixels:,} (--max-pixels)")
             rgb = preprocess.load_image(im)
         hw = preprocess.target_size(*rgb.shape[:2], size=sizing.size, short_side=sizing.short_side,
-                                    patch_size=sizing.patch_size)
+                                    patch_size=sizing.patch_size,
+                                    max_long_side=sizing.max_long_side if sizing.short_side is not None else None)
         pixels = preprocess.normalize(preprocess.resize(rgb, hw))
         return Decoded(index, item, pixels, tuple(rgb.shape[:2]), hw, image=rgb if sizing.keep_image else None)
     except preprocess.ImageError as e:

@@ -6,22 +6,25 @@ import functools
 import os
 import pathlib
 import re
+import importlib.resources
 import threading
 import warnings
 
-from gem_jax.config import architecture
 from gem_jax.checkpoints.layouts import CheckpointError, config_diff
-from gem_jax.checkpoints.native import NotReplaceableError, _check_target, is_native, save_native
-from gem_jax.checkpoints.readers import _WEIGHT_SUFFIXES, Checkpoint, _read_dir, _with_activation, read_checkpoint
+from gem_jax.checkpoints.native import NotReplaceableError, check_target, is_native, save_native
+from gem_jax.checkpoints.readers import read_checkpoint, read_directory, with_activation
 from gem_jax.checkpoints.registry import (
     HUB_TOKENIZER_FILES,
     MODELS,
     ModelEntry,
     UnknownModelError,
-    _canonical,
+    canonical_name,
     get_entry,
     suggestion,
 )
+from gem_jax.checkpoints.storage import WEIGHT_SUFFIXES, Checkpoint
+from gem_jax.config import ARCHITECTURES, architecture
+from gem_jax.models import init_params
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -40,9 +43,7 @@ def weights_dir() -> pathlib.Path:
     env = os.environ.get("GEM_JAX_WEIGHTS")
     if env:
         return pathlib.Path(env).expanduser()
-    import gem_jax
-
-    checkout = pathlib.Path(gem_jax.__file__).resolve().parents[1] / "weights"
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "weights"  # gem_jax/checkpoints/hub.py
     if checkout.is_dir():
         return checkout
     cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
@@ -67,10 +68,40 @@ def local_state(name: str) -> str:
     if is_native(local):
         return "converted"
     names = {n for n in (entry.filename, entry.fallback_filename) if n}
-    if local.is_dir() and any(p.is_file() and (p.name in names or p.suffix in _WEIGHT_SUFFIXES)
+    if local.is_dir() and any(p.is_file() and (p.name in names or p.suffix in WEIGHT_SUFFIXES)
                               for p in local.iterdir()):
         return "original"
     return "missing"
+
+
+def local_folders() -> list[tuple[pathlib.Path, str]]:
+    """Every model folder under :func:`weights_dir` that is not a registry model's, with what
+    it holds: ``"converted"`` (a native checkpoint), ``"random weights"`` (a native one from
+    ``convert --random``), ``"original files"`` (another layout gem-jax reads) or
+    ``"unreadable"``."""
+    root = weights_dir()
+    registry = {e.local_name for e in MODELS.values()}
+    out = []
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return out
+    for d in entries:
+        if d.name in registry:
+            continue
+        if is_native(d):
+            import json
+
+            try:
+                doc = json.loads((d / "config.json").read_text("utf-8"))
+            except (OSError, ValueError):
+                doc = {}
+            out.append((d, "random weights" if doc.get("random_weights") is True else "converted"))
+        elif any(p.is_file() and p.suffix in WEIGHT_SUFFIXES for p in d.iterdir()):
+            out.append((d, "original files"))
+        elif any(d.iterdir()):
+            out.append((d, "unreadable"))
+    return out
 
 
 def resolve(name_or_path, *, offline: bool | None = None, activation: str | None = None) -> Checkpoint:
@@ -121,7 +152,7 @@ def convert(source, out=None, *, force: bool = False, activation: str | None = N
         # The source is the target: replacing it would delete the files the user downloaded.
         raise NotReplaceableError(f"{out} holds {entry.name}'s original files, which load as they are; to "
                                   f"convert them into the native format, give another directory (--out DIR)")
-    _check_target(out.absolute(), force)  # fail before any download
+    check_target(out.absolute(), force)  # fail before any download
     offline = _offline(offline)
     if entry is not None:
         local = weights_dir() / entry.local_name
@@ -149,7 +180,7 @@ def _offline(offline: bool | None) -> bool:
 
 def _registry_entry(src: str) -> ModelEntry | None:
     """The entry of a registry name, or of its Hugging Face repository id."""
-    hit = _canonical(src)
+    hit = canonical_name(src)
     if hit is not None:
         return MODELS[hit]
     repo = src.strip().lower()
@@ -164,18 +195,12 @@ def convert_random(arch: str, out, *, seed: int = 0, force: bool = False) -> pat
     For trying every command without real weights: the config records
     ``"random_weights": true``, and pictures made from such a model say so.
     """
-    import importlib.resources
-
-    from gem_jax.models import init_params
-
-    from gem_jax.config import ARCHITECTURES
-
     arch_name = arch.replace("/", "-")
     entry = None if arch_name in ARCHITECTURES else _registry_entry(arch)
     arch_name = entry.architecture if entry is not None else arch_name
     config = architecture(arch_name)  # ValueError naming the known ones
     out = pathlib.Path(out).expanduser()
-    _check_target(out.absolute(), force)
+    check_target(out.absolute(), force)
     params = init_params(config, seed=seed)
     tokenizer_dir = pathlib.Path(str(importlib.resources.files("gem_jax").joinpath("data")))
     meta = {"source": f"random:{arch_name}", "source_layout": "random", "random_weights": True, "seed": seed}
@@ -196,7 +221,7 @@ def _resolve_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
     except OSError as e:
         warnings.warn(f"could not save the converted {entry.name} into {local} ({e}); it will be downloaded "
                       "and converted again next time (set GEM_JAX_WEIGHTS to a writable directory)", stacklevel=3)
-        return _with_activation(ckpt, activation)
+        return with_activation(ckpt, activation)
     return _read_local(entry, local, activation)
 
 
@@ -240,7 +265,7 @@ def _download_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
 
 
 def _looks_like_path(src: str) -> bool:
-    return src.startswith((".", "/", "~")) or src.endswith(_WEIGHT_SUFFIXES + (".json",))
+    return src.startswith((".", "/", "~")) or src.endswith(WEIGHT_SUFFIXES + (".json",))
 
 
 def _resolve_other(src: str, offline: bool, activation) -> Checkpoint:
@@ -289,7 +314,7 @@ def _read_fetched(files: dict[str, pathlib.Path], activation, source: str) -> Ch
     if len(parents) != 1:
         raise CheckpointError(f"downloaded files of {source} are spread over {sorted(map(str, parents))}")
     d = parents.pop()
-    ckpt = _read_dir(d, activation, only=frozenset(files))
+    ckpt = read_directory(d, activation, only=frozenset(files))
     return Checkpoint(ckpt.config, ckpt.params, ckpt.layout, ckpt.tokenizer_dir, source)
 
 

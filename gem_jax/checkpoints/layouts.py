@@ -8,7 +8,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+import jax
+
 from gem_jax.config import CLIPConfig, TextConfig, VisionConfig, infer_config
+from gem_jax.models import param_shapes
 
 #: ``{source key or tuple of source keys: (param path, transform)}``. A tuple feeds one
 #: parameter from several tensors; the transform then takes them positionally.
@@ -326,11 +329,8 @@ def config_from_openclip(config_json: Mapping[str, Any]) -> CLIPConfig:
         raise CheckpointError(f"open_clip_config.json: {e}") from None
 
 
-def _expected_leaves(config: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    import jax
-
-    from gem_jax.models import param_shapes
-
+def expected_leaves(config: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter of ``config`` by its path in the tree, with its shape."""
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -361,7 +361,7 @@ def to_params(state: Mapping[str, np.ndarray], config: CLIPConfig, key_map: KeyM
     tuple of source keys feeds one parameter from all of them (its transform takes
     them in order). Values become ``dtype`` NumPy arrays (fp16 checkpoints are upcast).
     """
-    expected = _expected_leaves(config)
+    expected = expected_leaves(config)
     used = set()
     missing, flat, bad_shapes, nonfinite = [], {}, [], []
     for src, (path, fn) in key_map.items():

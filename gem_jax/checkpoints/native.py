@@ -10,9 +10,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from gem_jax import _files
+from gem_jax import files
+from gem_jax.checkpoints.layouts import CheckpointError, expected_leaves, to_params
+from gem_jax.checkpoints.storage import TOKENIZER_FILES, Checkpoint, has_tokenizer_files, load_safetensors, read_json
 from gem_jax.config import CLIPConfig
-from gem_jax.checkpoints.layouts import CheckpointError, to_params
 
 FORMAT = "gem-jax"
 VERSION = 1
@@ -51,19 +52,17 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
     nothing but the files above (else :class:`FileExistsError`): the old one is
     renamed aside, the new one renamed in, then the old one deleted.
     """
-    from gem_jax.checkpoints.readers import TOKENIZER_FILES
-
     target = pathlib.Path(directory).expanduser().absolute()
     meta = dict(metadata or {})
     clash = {"format", "version", "clip"} & set(meta)
     if clash:
         raise ValueError(f"metadata may not set {sorted(clash)}")
-    _check_target(target, force)
+    check_target(target, force)
     created = _make_parents(target.parent)
-    _files.remove_stale(target.parent)
+    files.remove_stale(target.parent)
     tmp = None
     try:
-        tmp = _files.make_temp_dir(target)
+        tmp = files.make_temp_dir(target)
         _write_tensors(flatten_params(params), tmp / WEIGHTS_FILE)
         doc = {"format": FORMAT, "version": VERSION, "clip": config.to_dict(), **meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -72,7 +71,7 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
-        mode = 0o666 & ~_files.umask()  # safetensors writes 0o600
+        mode = 0o666 & ~files.umask()  # safetensors writes 0o600
         for f in tmp.iterdir():
             os.chmod(f, mode)
         _move_into_place(tmp, target, force)
@@ -93,19 +92,17 @@ class NotReplaceableError(FileExistsError):
 
 
 def _own_files() -> frozenset[str]:
-    from gem_jax.checkpoints.readers import TOKENIZER_FILES
-
     return frozenset((WEIGHTS_FILE, CONFIG_FILE, *TOKENIZER_FILES))
 
 
-def _check_target(target: pathlib.Path, force: bool) -> None:
+def check_target(target: pathlib.Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
     if not target.is_dir() or not any(target.iterdir()):
         return
+    _check_replaceable(target)  # a directory gem-jax did not write is never offered for --force
     if not force:
-        raise FileExistsError(f"{target} already exists and is not empty")
-    _check_replaceable(target)
+        raise FileExistsError(f"{target} already exists (a gem-jax checkpoint); pass --force to replace it")
 
 
 def _check_replaceable(target: pathlib.Path) -> None:
@@ -138,7 +135,7 @@ def _make_parents(parent: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _move_into_place(tmp: pathlib.Path, target: pathlib.Path, force: bool) -> None:
-    _check_target(target, force)  # again: another process may have written it meanwhile
+    check_target(target, force)  # again: another process may have written it meanwhile
     if not target.exists():
         os.replace(tmp, target)
         return
@@ -147,7 +144,7 @@ def _move_into_place(tmp: pathlib.Path, target: pathlib.Path, force: bool) -> No
         os.replace(tmp, target)
         return
     # force: swap the old directory out, the new one in, then delete the old one
-    old = _files.temp_path(target, suffix=".old")
+    old = files.temp_path(target, suffix=".old")
     os.replace(target, old)
     try:
         os.replace(tmp, target)
@@ -174,12 +171,10 @@ def read_native(directory):
     Strict against ``param_shapes(config)``: missing, unexpected or misshapen tensors
     raise :class:`CheckpointError`. Needs neither torch nor the network.
     """
-    from gem_jax.checkpoints.readers import Checkpoint, _read_json, has_tokenizer_files, load_safetensors
-
     d = pathlib.Path(directory).expanduser()
     if not (d / CONFIG_FILE).is_file():
         raise CheckpointError(f"{d} is not a gem-jax checkpoint: no {CONFIG_FILE}")
-    doc = _read_json(d / CONFIG_FILE)
+    doc = read_json(d / CONFIG_FILE)
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{d / CONFIG_FILE} is not a gem-jax config (format={doc.get('format')!r})")
     version = doc.get("version")
@@ -196,10 +191,12 @@ def read_native(directory):
     key_map = {"/".join(path): (path, None) for path in _param_paths(config)}
     params = to_params(state, config, key_map, source=str(d / WEIGHTS_FILE))
     tok = d if has_tokenizer_files(d) else None
-    return Checkpoint(config, params, "native", tok, str(d), random_weights=doc.get("random_weights") is True)
+    defaults = doc.get("defaults")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise CheckpointError(f"{d / CONFIG_FILE}: 'defaults' must be an object of GEM settings, got {defaults!r}")
+    return Checkpoint(config, params, "native", tok, str(d), random_weights=doc.get("random_weights") is True,
+                      defaults=defaults)
 
 
 def _param_paths(config: CLIPConfig) -> list[tuple[str, ...]]:
-    from gem_jax.checkpoints.layouts import _expected_leaves
-
-    return list(_expected_leaves(config))
+    return list(expected_leaves(config))

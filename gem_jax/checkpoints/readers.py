@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,42 +19,20 @@ from gem_jax.checkpoints.layouts import (
     to_params,
     transformers_key_map,
 )
+from gem_jax.checkpoints.native import FORMAT as NATIVE_FORMAT
+from gem_jax.checkpoints.native import read_native
+from gem_jax.checkpoints.storage import (
+    WEIGHT_SUFFIXES,
+    Checkpoint,
+    has_tokenizer_files,
+    load_safetensors,
+    load_torch,
+    read_json,
+    strip_module,
+)
 
-#: Files a tokenizer may consist of (transformers' CLIP tokenizer, or open_clip's BPE file).
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "bpe_simple_vocab_16e6.txt.gz")
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-_TORCH_HINT = 'reading .bin/.pt/.pth checkpoints needs PyTorch: pip install "gem-jax[torch]"'
 _ACTIVATION_HINT = ("pass activation='quick_gelu' (OpenAI and MetaCLIP weights) or activation='gelu' "
                     "(LAION weights), or --activation on the command line")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Checkpoint:
-    """A checkpoint read into memory.
-
-    Attributes:
-      config: the architecture, checked against the tensors.
-      params: ``{"visual": ..., "text": ...}`` of float32 NumPy arrays.
-      layout: ``"native"``, ``"transformers"``, ``"openclip"`` or ``"openai"`` (TorchScript).
-      tokenizer_dir: a directory holding tokenizer files, if the checkpoint has them.
-      source: where it was read from (a path, or a description of it).
-      random_weights: the weights are random (``gem-jax convert --random``), not trained.
-    """
-
-    config: CLIPConfig
-    params: dict
-    layout: str
-    tokenizer_dir: pathlib.Path | None
-    source: str
-    random_weights: bool = False
-
-
-def has_tokenizer_files(directory: pathlib.Path) -> bool:
-    """Whether ``directory`` holds a CLIP tokenizer (BPE vocabulary and merges)."""
-    d = pathlib.Path(directory)
-    return ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()) or (d / "tokenizer.json").is_file() \
-        or (d / "bpe_simple_vocab_16e6.txt.gz").is_file()
 
 
 def read_checkpoint(path, activation: str | None = None) -> Checkpoint:
@@ -80,11 +56,11 @@ def read_checkpoint(path, activation: str | None = None) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
     if path.is_dir():
-        return _read_dir(path, activation)
+        return read_directory(path, activation)
     return _read_file(path, activation)
 
 
-def _read_dir(d: pathlib.Path, activation, only: frozenset[str] | None = None) -> Checkpoint:
+def read_directory(d: pathlib.Path, activation, only: frozenset[str] | None = None) -> Checkpoint:
     # ``only``: consider just these file names (a hub cache directory may hold more)
     names = sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (only is None or p.name in only))
     if not names:
@@ -92,12 +68,9 @@ def _read_dir(d: pathlib.Path, activation, only: frozenset[str] | None = None) -
                               "open_clip_config.json + open_clip_model.safetensors, or a weights file)")
     tok = d if has_tokenizer_files(d) else None
     if "config.json" in names:
-        cfg = _read_json(d / "config.json")
-        if cfg.get("format") == "gem-jax":
-            from gem_jax.checkpoints.native import read_native
-
-            ckpt = read_native(d)
-            return _with_activation(ckpt, activation)
+        cfg = read_json(d / "config.json")
+        if cfg.get("format") == NATIVE_FORMAT:
+            return with_activation(read_native(d), activation)
         is_clip = "vision_config" in cfg or "text_config" in cfg or cfg.get("model_type") == "clip"
         # a repository may hold both layouts; without transformers weights use the OpenCLIP one
         has_weights = "model.safetensors" in names or "pytorch_model.bin" in names
@@ -108,7 +81,7 @@ def _read_dir(d: pathlib.Path, activation, only: frozenset[str] | None = None) -
                                   f"config (model_type={cfg.get('model_type')!r})")
     if "open_clip_config.json" in names:
         return _read_openclip_hub(d, names, activation, tok)
-    weights = [n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
     if len(weights) == 1:
         ckpt = _read_file(d / weights[0], activation)
         return dataclasses.replace(ckpt, tokenizer_dir=tok)
@@ -138,7 +111,7 @@ def _read_transformers(d, cfg, names, activation, tok) -> Checkpoint:
 
 
 def _read_openclip_hub(d, names, activation, tok) -> Checkpoint:
-    config = config_from_openclip(_read_json(d / "open_clip_config.json"))
+    config = config_from_openclip(read_json(d / "open_clip_config.json"))
     if "open_clip_model.safetensors" in names:
         weights = d / "open_clip_model.safetensors"
         state = load_safetensors(weights)
@@ -172,7 +145,7 @@ def _read_file(path: pathlib.Path, activation) -> Checkpoint:
     else:
         raise CheckpointError(f"{path}: unknown checkpoint file type {suffix or '(no suffix)'!r}; expected a "
                               "directory, or a .safetensors/.pt/.pth/.bin file")
-    state = _strip_module(state)
+    state = strip_module(state)
     if any(k.startswith(("vision_model.", "text_model.")) for k in state):
         raise CheckpointError(f"{path} holds transformers-layout tensors; put it in a directory with its "
                               "config.json and pass the directory")
@@ -189,7 +162,7 @@ def _checked_params(state, config: CLIPConfig, layout: str, source: str, config_
     """``to_params``, and on failure also the config fields the tensors contradict."""
     key_map = transformers_key_map(config) if layout == "transformers" else openclip_key_map(config)
     if layout == "openclip":
-        state = _strip_module(state)
+        state = strip_module(state)
     try:
         return to_params(state, config, key_map, source=source)
     except CheckpointError as e:
@@ -204,7 +177,7 @@ def _checked_params(state, config: CLIPConfig, layout: str, source: str, config_
         raise CheckpointError(f"{config_name} disagrees with the tensors of {source}: {fields}. {e}") from None
 
 
-def _with_activation(ckpt: Checkpoint, activation) -> Checkpoint:
+def with_activation(ckpt: Checkpoint, activation) -> Checkpoint:
     if activation is None or (ckpt.config.vision.activation == activation == ckpt.config.text.activation):
         return ckpt
     return dataclasses.replace(ckpt, config=ckpt.config.with_activation(activation))
@@ -212,94 +185,3 @@ def _with_activation(ckpt: Checkpoint, activation) -> Checkpoint:
 
 def _looks_native(state: Mapping[str, Any]) -> bool:
     return bool(state) and all("/" in k for k in state)
-
-
-def _strip_module(state: Mapping[str, Any]) -> dict:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return d
-
-
-def load_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of a ``.safetensors`` file as NumPy arrays (bfloat16 upcast to float32).
-
-    A truncated or corrupt file raises :class:`CheckpointError`.
-    """
-    from safetensors import safe_open
-
-    path = pathlib.Path(path)
-    out = {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                if f.get_slice(key).get_dtype() == "BF16":  # NumPy has no bfloat16
-                    out[key] = _load_bf16(path, key)
-                else:
-                    out[key] = f.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as e:  # SafetensorError, OSError, ...: the rust binding raises several types
-        raise CheckpointError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt? "
-                              f"({type(e).__name__}: {e})") from None
-    return out
-
-
-def _load_bf16(path, key):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="flax") as f:
-        return np.asarray(f.get_tensor(key).astype("float32"))
-
-
-def _is_torchscript(path: pathlib.Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_torch(path) -> tuple[dict[str, np.ndarray], bool]:
-    """A ``.pt``/``.pth``/``.bin`` state dict as NumPy float32 arrays, and whether it was TorchScript.
-
-    TorchScript archives (OpenAI's releases) go through ``torch.jit.load``; anything
-    else through ``torch.load(weights_only=True)``, so no arbitrary pickle runs. A
-    training checkpoint's ``"state_dict"`` is used and ``module.`` prefixes dropped.
-    """
-    path = pathlib.Path(path)
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path}: {_TORCH_HINT}") from None
-    scripted = _is_torchscript(path)
-    try:
-        if scripted:
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: one message for all
-        raise CheckpointError(f"cannot read {path} with torch: truncated, corrupt or not a state dict? "
-                              f"({type(e).__name__}: {e})") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    state, bad = {}, []
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            bad.append(str(k))
-            continue
-        v = v.detach().cpu()
-        state[str(k)] = (v.float() if v.is_floating_point() else v).numpy()
-    if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(sorted(bad)[:8])}")
-    return _strip_module(state), scripted

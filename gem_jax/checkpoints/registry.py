@@ -139,7 +139,7 @@ def _fold(name: str) -> str:
     return name.strip().lower().replace("/", "-")
 
 
-def _canonical(name: str) -> str | None:
+def canonical_name(name: str) -> str | None:
     if name in MODELS:
         return name
     folded = {_fold(n): n for n in MODELS}  # "ViT-B-16:openai" and "vit-b/16:OpenAI" are one entry
@@ -156,7 +156,7 @@ def get_entry(name: str) -> ModelEntry:
     ("vit-b-16" -> "ViT-B/16:openai"). Unknown names raise :class:`UnknownModelError`
     (a ``ValueError``) suggesting the closest name.
     """
-    hit = _canonical(name)
+    hit = canonical_name(name)
     if hit is not None:
         return MODELS[hit]
     raise UnknownModelError(f"unknown model {name!r}{suggestion(name)} "

@@ -7,11 +7,10 @@ import dataclasses
 import types
 from typing import Any, Mapping
 
-# The same values as gem_jax.pipeline's and gem_jax.sliding's; repeated so protocols stay
-# plain data with no model imports.
-DEFAULT_TEMPLATE = "a photo of a {}."
-LOGIT_SCALE = 100.0
-BORDERS = ("resize", "truncate", "pad_center", "pad_corner")
+from gem_jax.eval.sliding import BORDERS
+from gem_jax.postprocess import LOGIT_SCALE
+from gem_jax.text import DEFAULT_TEMPLATE
+
 #: The benchmarks of SCLIP, ClearCLIP and NACLIP (their configs/cfg_*.py), by gem-jax name.
 EIGHT_BENCHMARKS = ("voc", "context60", "coco_object", "voc20", "cityscapes", "context", "ade20k", "coco_stuff")
 
@@ -34,7 +33,7 @@ class Protocol:
       max_long_side: with sliding windows or a ``border`` other than ``"resize"``, the
         longer side is capped at this (mmseg's ``Resize(scale=(long, short), keep_ratio=True)``).
       border: what a window (or, without ``crop``, the whole resized image) whose sides are
-        not patch multiples goes through the model as (:data:`gem_jax.sliding.BORDERS`):
+        not patch multiples goes through the model as (:data:`gem_jax.eval.sliding.BORDERS`):
         ``"resize"`` (gem-jax's: resized to the nearest multiple; the whole-image path then
         snaps the image itself), ``"truncate"`` (SCLIP, NACLIP: only the whole patches are
         seen, their logits stretched over the window), ``"pad_center"`` (ClearCLIP: padded

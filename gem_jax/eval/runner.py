@@ -17,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from gem_jax import _files, class_names, postprocess, preprocess
-from gem_jax.eval import metrics
+from gem_jax import files, postprocess, preprocess
+from gem_jax.engine.tower import min_max
+from gem_jax.eval import class_names, metrics
 from gem_jax.eval.datasets import IGNORE_INDEX, Dataset, DatasetError, voc_palette
 from gem_jax.eval.protocols import Protocol, get_protocol
+from gem_jax.eval.sliding import sliding_logits
+from gem_jax.loading import Model
 from gem_jax.models.layers import resize_matrix
-from gem_jax.pipeline import GEM, TEMPLATE_SETS, Model, template_set
-from gem_jax.sliding import sliding_logits
+from gem_jax.pipeline import GEM
+from gem_jax.text import resolve_templates
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +112,16 @@ def _semantic_step(conf, logits, rows, cols, hw, label, query_class, guide=None,
         # bilinearly resized to that size.
         image = jnp.einsum("Hh,khw,Ww->kHW", rows, guide, cols, precision=jax.lax.Precision.HIGHEST)
         x = postprocess.pamr(image, x, iterations=pamr_iterations, dilations=pamr_dilations, valid_hw=hw)
-    probs = jax.nn.softmax(logit_scale * x, axis=0)
-    # Synonyms vote for their class by max; classes without prompts (background decided
-    # by threshold) get probability 0.
-    cls = postprocess.merge_synonyms(probs, query_class, num_classes)
-    if area_threshold is not None and background is not None:
+    # The one label rule: softmax over prompts, synonyms max-pooled into their class (classes
+    # without prompts, a background decided by threshold, get 0), then the area and
+    # background thresholds with the background class exempt from the first.
+    cls = postprocess.class_probabilities(x, logit_scale=logit_scale, query_class=query_class,
+                                          num_classes=num_classes)
+    if background is None:
+        pred = postprocess.decide(cls, None) - 1
+    else:
         valid = (jnp.arange(cls.shape[1])[:, None] < hw[0]) & (jnp.arange(cls.shape[2])[None, :] < hw[1])
-        cls = postprocess.suppress_small_areas(cls, area_threshold, background, valid)
-    pred = jnp.argmax(cls, axis=0).astype(jnp.int32)
-    if threshold is not None and background is not None:
-        pred = jnp.where(jnp.max(cls, axis=0) < threshold, background, pred)
+        pred = postprocess.decide(cls, threshold, area_threshold=area_threshold, background=background, valid=valid)
     return metrics.update(conf, pred, label, ignore_index=ignore_index), pred
 
 
@@ -153,16 +156,22 @@ def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, back
 # ----------------------------------------------------------------------------- state and outputs
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _files.atomic_write(path, write)
+def _owned_write(path: pathlib.Path, write) -> None:
+    """Writes a file of the evaluation's through the one writer and records it as gem-jax's
+    (a file in the way that gem-jax did not write is refused: :class:`EvaluationError`)."""
+    path = pathlib.Path(path)
+    files.make_dirs(path.parent)
+    try:
+        files.write_owned(path, write, force=True)
+    except files.OutputError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def write_json(path, data: dict) -> None:
     """Writes ``data`` as indented JSON, atomically (a reader never sees half a file); removes
     gem-jax temporaries a killed run left beside it."""
-    _files.remove_stale(pathlib.Path(path).parent)
-    _atomic_write(pathlib.Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    files.remove_stale(pathlib.Path(path).parent)
+    _owned_write(pathlib.Path(path), lambda f: f.write(files.dump_json(data)))
 
 
 def save_label_png(path, labels: np.ndarray) -> None:
@@ -172,7 +181,7 @@ def save_label_png(path, labels: np.ndarray) -> None:
         raise ValueError("label values must be in 0..255 to be saved as PNG")
     im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
     im.putpalette(voc_palette().reshape(-1).tolist())  # "L" becomes "P", the values kept
-    _atomic_write(pathlib.Path(path), lambda f: im.save(f, format="PNG"))
+    _owned_write(pathlib.Path(path), lambda f: im.save(f, format="PNG"))
 
 
 def prediction_path(directory, sample_id: str) -> pathlib.Path:
@@ -192,23 +201,18 @@ class _State:
 
 
 def _fingerprint(gem: GEM, dataset: Dataset, protocol: Protocol, queries: Queries | None) -> dict:
-    templates = hashlib.sha1("\n".join(gem.templates).encode()).hexdigest()[:16]
+    """What decides an evaluation's counts: a state file of another evaluation is refused."""
+    described = gem.describe()
+    templates = hashlib.sha1("\n".join(described.pop("templates")).encode()).hexdigest()[:16]
+    described["model"] = {"fingerprint": described["model"]["fingerprint"]}  # the weights, not their name
     return {
         "version": STATE_VERSION,
         "dataset": dataset.name, "split": dataset.split, "root": str(pathlib.Path(dataset.root).resolve()),
         "classes": hashlib.sha1("\n".join(dataset.classes).encode()).hexdigest()[:16],
         "protocol": protocol.settings(),
-        "model": gem.model.name, "method": gem.method, "options": _options(gem), "dtype": gem.dtype,
-        "templates": templates,
+        "gem": described, "templates": templates,
         "prompts": list(queries.names) if queries is not None else None,
     }
-
-
-def _options(gem: GEM) -> dict:
-    opts = gem.spec.options() if gem.method != "clip" else {}
-    if gem.feature_surgery:
-        opts["feature_surgery"] = True
-    return opts
 
 
 def _save_state(path: pathlib.Path, fingerprint: dict, state: _State) -> None:
@@ -219,7 +223,7 @@ def _save_state(path: pathlib.Path, fingerprint: dict, state: _State) -> None:
         "done": np.array(state.done, dtype=str) if state.done else np.zeros((0,), "<U1"),
         "skipped": np.array(json.dumps(state.skipped)),
     }
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _owned_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_state(path: pathlib.Path, fingerprint: dict, shape) -> _State | None:
@@ -247,12 +251,6 @@ def _load_state(path: pathlib.Path, fingerprint: dict, shape) -> _State | None:
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _min_max(maps: np.ndarray) -> np.ndarray:
-    lo = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - lo
-    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0.0)
 
 
 def _progress(total, initial, enabled, desc):
@@ -307,7 +305,7 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     protocol = get_protocol(protocol).for_dataset(dataset.name)
     if isinstance(gem_or_model, GEM):
         gem = gem_or_model
-        wanted = template_set(protocol.template) if protocol.template in TEMPLATE_SETS else (protocol.template,)
+        wanted = resolve_templates(protocol.template)
         if gem.templates != wanted:
             log.warning("the GEM's %d prompt template(s) differ from the %s protocol's %d; using the GEM's",
                         len(gem.templates), protocol.name, len(wanted))
@@ -325,7 +323,7 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     counts_shape = (dataset.num_classes, 3) if points else (dataset.num_classes, dataset.num_classes)
     state_path = pathlib.Path(state_file) if state_file is not None else None
     if state_path is not None:
-        _files.remove_stale(state_path.parent)
+        files.remove_stale(state_path.parent)
     state = _load_state(state_path, fingerprint, counts_shape) if state_path is not None else None
     if state is None:
         fresh = metrics.new_point_counts if points else metrics.new_confusion
@@ -336,7 +334,7 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     per_call = batch_size or max(1, min(gem.batch_size, MAX_MAPS_PER_CALL // n_prompts))
     pred_dir = pathlib.Path(save_predictions) if save_predictions is not None else None
     if pred_dir is not None:
-        _files.remove_stale(pred_dir)
+        files.remove_stale(pred_dir)
 
     run = _Run(gem, dataset, protocol, queries, state, on_error, pred_dir)
     bar = _progress(len(samples), len(samples) - len(todo), progress, f"{dataset.name}/{protocol.name}")
@@ -386,9 +384,9 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
         "protocol": protocol.name,
         "protocol_settings": protocol.settings(),
         "model": gem.model.name,
-        "method": gem.method,
-        "gem_options": _options(gem),
-        "dtype": gem.dtype,
+        "random_weights": gem.model.random_weights,
+        "method": gem.method.name,
+        "gem": {k: v for k, v in gem.describe().items() if k != "templates"},
         "num_templates": len(gem.templates),
         "prompts": ({dataset.classes[c]: [n for n, k in zip(queries.names, queries.classes) if k == c]
                      for c in range(dataset.num_classes) if c in set(queries.classes.tolist())}
@@ -470,7 +468,7 @@ class _Run:
             out = [sliding_logits(self.gem, img, prompts, crop=p.crop, stride=p.stride, short_side=p.short_side,
                                   max_long_side=p.max_long_side, border=p.border)
                    for img, prompts in zip(images, sets)]
-            return out if self.queries is not None else [_min_max(m) for m in out]
+            return out if self.queries is not None else [min_max(m) for m in out]
         res = self.gem.heatmaps(images, sets, short_side=p.short_side)
         maps = res.logits if self.queries is not None else res.heatmaps
         return [np.asarray(maps[i]) for i in range(len(images))]

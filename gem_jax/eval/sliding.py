@@ -111,13 +111,13 @@ def sliding_logits(gem, image, prompts: Sequence[str], crop: int | None = 224, s
     """Cosine logits (P, H, W) of one image by sliding-window inference.
 
     The image is resized (keeping the aspect, :func:`rescaled_size`) to (H, W); every
-    window of :func:`window_boxes` goes through :meth:`gem_jax.pipeline.GEM.heatmaps`
+    window of :func:`window_boxes` goes through :meth:`gem_jax.GEM.heatmaps`
     (windows of one size in shared batches), and overlapping window logits are averaged,
     as mmseg's ``slide_inference`` does. A window whose sides are not patch multiples is
     handled by ``border`` (:data:`BORDERS`); its logits always end up at the window's size.
 
     Args:
-      gem: a :class:`gem_jax.pipeline.GEM`.
+      gem: a :class:`gem_jax.GEM`.
       image: a path, PIL image or (H, W, 3) array.
       prompts: the prompts (one list).
       crop, stride: window side and step in pixels of the resized image; ``crop=None``

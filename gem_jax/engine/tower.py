@@ -1,72 +1,23 @@
-"""The GEM self-self attention path beside CLIP's last ViT blocks, and the tower loop every method runs in."""
+"""The tower loop every method runs in, and the step from its tokens to cosine maps."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from gem_jax.config import METHODS  # noqa: F401  (the one list of method names, re-exported here)
-from gem_jax.models.layers import l2_normalize, merge_heads, softmax_attention
+from gem_jax.engine.attention import Context, largest_divisor, map_heads
+from gem_jax.engine.methods import Method, as_method
+from gem_jax.models.layers import l2_normalize, merge_heads, resize_2d, softmax_attention
 from gem_jax.models.vision import VisionTransformer
 
-PROJECTIONS = ("q", "k", "v")
-#: Smallest accepted temperature tau, with a margin: much smaller ones (1e-30) underflow
-#: every softmax weight of a row (a token's cosine with itself is 1 only up to rounding): 0/0.
-MIN_TEMPERATURE = 1e-3
-#: Most accepted self-self iterations: a bound on the run time of one call (the paper uses 1).
-MAX_ITERATIONS = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class GEMOptions:
-    """How the self-self attention path runs (defaults are the paper's and the reference's).
-
-    Attributes:
-      layers: number of last ViT blocks with the parallel path (the reference's
-        ``gem_depth`` is ``layers + 1``).
-      iterations: self-self attention repetitions before the final assignment to v (K).
-      temperature: ``None`` for the adaptive temperature; a float is the paper's tau
-        (the reference's ``ss_attn_temp`` is ``1 / tau``).
-      projections: which of q, k, v feed the ensemble (paper Table 1).
-      normalize: L2 normalisation and adaptive temperature (Table 1's "norm + temp");
-        without it the attention uses the usual ``1 / sqrt(head_dim)`` scale unless a
-        temperature is given.
-      mlp: also apply each block's MLP on the GEM path (Table 6's "with MLP" variant).
-    """
-
-    layers: int = 6
-    iterations: int = 1
-    temperature: float | None = None
-    projections: tuple[str, ...] = PROJECTIONS
-    normalize: bool = True
-    mlp: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.layers, int) or self.layers < 1:
-            raise ValueError(f"layers must be a positive int, got {self.layers!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
-        if not isinstance(self.iterations, bool) and self.iterations > MAX_ITERATIONS:
-            raise ValueError(f"iterations must be at most {MAX_ITERATIONS}, "
-                             f"got {self.iterations!r}")
-        if self.temperature is not None:
-            try:
-                t = float(self.temperature)
-            except (TypeError, ValueError):
-                raise ValueError(f"temperature must be a number or None, got {self.temperature!r}") from None
-            if not (math.isfinite(t) and t >= MIN_TEMPERATURE):
-                raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (much smaller ones "
-                                 f"underflow the attention weights to 0/0), got {self.temperature!r}")
-        projections = tuple(self.projections)
-        if not projections or any(p not in PROJECTIONS for p in projections) or len(set(projections)) != len(projections):
-            raise ValueError(f"projections must be a non-empty subset of {PROJECTIONS}, got {self.projections!r}")
-        # Canonical order, so equal options hash equal (they key jit caches).
-        object.__setattr__(self, "projections", tuple(p for p in PROJECTIONS if p in projections))
+#: On CPU, chunking over heads paid from 401 tokens per image up (ViT-B/16 at 320 and
+#: above) and cost time at 197 tokens and below (ViT-B/16 at 224, ViT-B/32).
+CPU_CHUNK_TOKENS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +48,8 @@ class Schedule:
 
         On CPU, inputs of :data:`CPU_CHUNK_TOKENS` tokens or more go one image at a
         time with four heads per step, which keeps the N x N maps in cache; smaller
-        inputs, and accelerators, take everything at once (see the README's
-        performance section for the measurements).
+        inputs, and accelerators, take everything at once (docs/PERFORMANCE.md has the
+        measurements).
         """
         backend = backend or jax.default_backend()
         if backend == "cpu" and (tokens is None or tokens >= CPU_CHUNK_TOKENS):
@@ -112,96 +63,7 @@ class Schedule:
             return schedule
         if schedule == "auto":
             return cls.auto(tokens=tokens)
-        raise ValueError(f"schedule must be a gem_jax.gem.Schedule or 'auto', got {schedule!r}")
-
-
-#: On CPU, chunking over heads paid from 401 tokens per image up (ViT-B/16 at 320 and
-#: above) and cost time at 197 tokens and below (ViT-B/16 at 224, ViT-B/32).
-CPU_CHUNK_TOKENS = 256
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-def map_heads(fn, chunk: int | None, *arrays):
-    """Applies ``fn`` to (image, head) pairs ``chunk`` at a time.
-
-    Args:
-      fn: maps arrays (G, ...) to one array (G, ...), independently per leading row.
-      chunk: most pairs per step; ``None`` calls ``fn`` once on everything.
-      arrays: (B, H, ...) arrays, or arrays broadcastable to (B, H, 1, ...).
-    Returns:
-      ``fn``'s result, (B, H, ...).
-    """
-    b, h = arrays[0].shape[:2]
-    if chunk is None or chunk >= b * h:
-        return fn(*arrays)
-    g = _largest_divisor(b * h, chunk)
-    flat = []
-    for a in arrays:
-        a = jnp.asarray(a)
-        a = jnp.broadcast_to(a, (b, h) + a.shape[2:]) if a.ndim >= 2 else jnp.broadcast_to(a, (b, h))
-        flat.append(a.reshape(b * h // g, g, *a.shape[2:]))
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(flat))
-    return out.reshape(b, h, *out.shape[2:])
-
-
-def adaptive_inverse_temperature(y, head_dim: int):
-    """GEM's adaptive 1/tau: mean token L2 norm of the block input ``y`` (B, N, C),
-    over ``sqrt(head_dim)``; shape (B, 1, 1, 1) to broadcast over heads and tokens."""
-    norms = jnp.sqrt(jnp.sum(jnp.square(y.astype(jnp.float32)), axis=-1))
-    return (jnp.mean(norms, axis=-1) * head_dim ** -0.5)[:, None, None, None]
-
-
-def _numerators(x, inv_temp, normalize: bool):
-    """``(e, x')`` with ``softmax(x' x'^T / tau) = e / rowsum(e)``; ``x'`` is ``x``
-    L2-normalised (``normalize``) or as float32."""
-    if normalize:
-        x = l2_normalize(x)
-        # Cosines are at most 1 (the diagonal), so exp((cos - 1) / tau) is the
-        # softmax numerator already shifted by its row maximum: no max pass needed.
-        return jnp.exp((jnp.einsum("...nd,...md->...nm", x, x) - 1.0) * inv_temp), x
-    x = x.astype(jnp.float32)
-    logits = jnp.einsum("...nd,...md->...nm", x, x) * inv_temp
-    return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), x
-
-
-def _weighted(e, values):
-    """``(e / rowsum(e)) @ values``, normalising the (N, d) product instead of the (N, N) weights."""
-    out = jnp.einsum("...nm,...md->...nd", e.astype(values.dtype), values)
-    return out / jnp.sum(e, axis=-1, keepdims=True).astype(out.dtype)
-
-
-def _iterate(p, inv_temp, iterations: int, normalize: bool):
-    """K steps of ``p <- softmax(p p^T / tau) p`` (eq. 6), in float32."""
-    def step(_, x):
-        e, x = _numerators(x, inv_temp, normalize)
-        return _weighted(e, x)
-
-    p = p.astype(jnp.float32)
-    if iterations <= 4:  # unrolled: lets XLA fuse across steps
-        for i in range(iterations):
-            p = step(i, p)
-        return p
-    return jax.lax.fori_loop(0, iterations, step, p)
-
-
-def self_self_attention(p, v, inv_temp, iterations: int = 1, normalize: bool = True):
-    """Paper eqs. 5-7: iterate ``p <- softmax(p p^T / tau) p`` (on L2-normalised p),
-    then assign the values: ``softmax(p p^T / tau) v``.
-
-    Args:
-      p: projections (..., N, d), the tokens that attend to themselves.
-      v: values (..., N, d).
-      inv_temp: 1/tau, broadcastable to (..., N, N).
-      iterations: K, repetitions before the assignment.
-      normalize: L2-normalise p before each product.
-    Returns:
-      (..., N, d) in v's dtype.
-    """
-    e, _ = _numerators(_iterate(p, inv_temp, iterations, normalize), inv_temp, normalize)
-    return _weighted(e, v).astype(v.dtype)
+        raise ValueError(f"schedule must be a gem_jax.Schedule or 'auto', got {schedule!r}")
 
 
 def _attend(blk, q, k, v, head_chunk):
@@ -230,7 +92,7 @@ def run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, Any], *, want_
     Args:
       vit: the bound tower.
       pixels: (B, H, W, 3) normalised pixels.
-      paths: ``{name: Method | GEMOptions | None}`` (``None``: the original tokens).
+      paths: ``{name: Method | GEMOptions | str | None}`` (``None``: the original tokens).
         All must resample the positional embedding the same way.
       want_original: the original path's last block is needed (else it is skipped
         unless a path takes its class token).
@@ -242,8 +104,6 @@ def run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, Any], *, want_
       last block's unless ``every_layer``); before its first modified block a path's
       tokens are the original ones.
     """
-    from gem_jax.methods import Context, as_method
-
     methods = {name: as_method(spec) for name, spec in paths.items()}
     posembs = {m.posemb for m in methods.values() if m.blocks}
     if len(posembs) > 1:
@@ -252,7 +112,7 @@ def run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, Any], *, want_
     n = len(blocks)
     for name, m in methods.items():
         if m.blocks > n:
-            raise ValueError(f"{m.name} layers={m.blocks} exceeds the model's {n} blocks")
+            raise ValueError(f"method {m.name} with layers={m.blocks} exceeds the model's {n} vision blocks")
     inv_temps = dict(inv_temps or {})
     grid = vit.grid_shape(pixels)
     x = vit.embed(pixels, posembs.pop() if posembs else None)
@@ -289,15 +149,15 @@ def run_paths(vit: VisionTransformer, pixels, paths: Mapping[str, Any], *, want_
     return out
 
 
-def vision_tokens(vit: VisionTransformer, params, pixels, opts: Any = GEMOptions(),
-                  want_clip: bool = True, schedule: Schedule | str = Schedule()):
+def vision_tokens(vit: VisionTransformer, params, pixels, method: Any = "gem", want_clip: bool = True,
+                  schedule: Schedule | str = Schedule()):
     """One forward pass of the image tower with a method's path beside its last blocks.
 
     Args:
       vit: the tower module (unbound).
       params: its parameters (``params["visual"]`` of a CLIP tree).
       pixels: (B, H, W, 3) normalised pixels, H and W multiples of the patch size.
-      opts: a :class:`gem_jax.methods.Method`, GEM options (the GEM method), or
+      method: a :class:`~gem_jax.engine.methods.Method`, a method name, GEM options, or
         ``None`` for plain CLIP only.
       want_clip: also return the plain CLIP tokens.
       schedule: how the pass is laid out (:class:`Schedule`, or ``"auto"`` for
@@ -309,9 +169,10 @@ def vision_tokens(vit: VisionTransformer, params, pixels, opts: Any = GEMOptions
     """
     vit.grid_shape(pixels)  # validates the size
     schedule = Schedule.resolve(schedule, tokens=vit.config.tokens(pixels.shape[1:3]))
-    plain = opts is None or getattr(opts, "blocks", 1) == 0
+    method = as_method(method)
+    plain = method.blocks == 0
     want_clip = want_clip or plain
-    paths = {} if plain else {"path": opts}
+    paths = {} if plain else {"path": method}
     if want_clip:
         paths["clip"] = None
 
@@ -326,9 +187,16 @@ def vision_tokens(vit: VisionTransformer, params, pixels, opts: Any = GEMOptions
         return apply({"params": params}, pixels)
     # Images are independent: a loop over chunks of the batch keeps each step's
     # N x N maps in cache, where one wide step spills them.
-    c = _largest_divisor(b, schedule.image_chunk)
+    c = largest_divisor(b, schedule.image_chunk)
     out = jax.lax.map(lambda px: apply({"params": params}, px), pixels.reshape(b // c, c, *pixels.shape[1:]))
     return jax.tree_util.tree_map(lambda t: t.reshape(b, *t.shape[2:]), out)
+
+
+def method_tokens(vit: VisionTransformer, params, pixels, method: Method, schedule: Schedule | str):
+    """(B, 1 + h*w, D) tokens of the method's path (the plain tokens for a method that
+    changes no block), after the head."""
+    tokens = vision_tokens(vit, params, pixels, method, want_clip=method.blocks == 0, schedule=schedule)
+    return tokens["clip"] if method.blocks == 0 else tokens["gem"]
 
 
 def patch_logits(tokens, text, grid: tuple[int, int]):
@@ -348,10 +216,94 @@ def patch_logits(tokens, text, grid: tuple[int, int]):
     return sims.reshape(*sims.shape[:2], *grid)
 
 
-def min_max(maps, axes: Sequence[int] = (-2, -1)):
-    """Per-map min-max scaling to [0, 1] over the spatial ``axes``."""
-    lo = jnp.min(maps, axis=tuple(axes), keepdims=True)
-    hi = jnp.max(maps, axis=tuple(axes), keepdims=True)
+def min_max(maps, axes=(-2, -1)):
+    """Per-map min-max scaling to [0, 1] over the spatial ``axes`` (NumPy or JAX arrays;
+    a constant map becomes zeros rather than NaN)."""
+    xp = jnp if isinstance(maps, jax.Array) else np
+    lo = xp.min(maps, axis=tuple(axes), keepdims=True)
+    hi = xp.max(maps, axis=tuple(axes), keepdims=True)
     span = hi - lo
-    # A constant map has no extent to scale: report zeros rather than NaN.
-    return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    return xp.where(span > 0, (maps - lo) / xp.where(span > 0, span, 1.0), 0.0)
+
+
+def feature_surgery(image, text, redundant=None):
+    """CLIP Surgery's feature surgery: similarities with the features shared by all
+    prompts removed.
+
+    Args:
+      image: (B, N, D) L2-normalised image tokens, class token first.
+      text: (T, D) L2-normalised text embeddings.
+      redundant: optional (D,) or (1, D) embedding to subtract from every text
+        embedding instead (CLIP Surgery's choice with a single prompt: the empty
+        prompt's embedding).
+    Returns:
+      (B, N, T): without ``redundant``, ``w_t (f_i · g_t) - mean_t'(w_t' f_i · g_t')``
+      with ``w = p / mean(p)``, ``p = softmax_t(2 f_cls · g_t)``; with it,
+      ``f_i · (g_t - redundant)``.
+    """
+    image = jnp.asarray(image, jnp.float32)
+    text = jnp.asarray(text, jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    if redundant is not None:
+        return jnp.einsum("bnd,td->bnt", image, text - jnp.reshape(redundant, (1, -1)), precision=hi)
+    prob = jax.nn.softmax(2.0 * jnp.einsum("bd,td->bt", image[:, 0], text, precision=hi), axis=-1)
+    w = prob / jnp.mean(prob, axis=-1, keepdims=True)
+    sims = jnp.einsum("bnd,td->bnt", image, text, precision=hi) * w[:, None, :]
+    return sims - jnp.mean(sims, axis=-1, keepdims=True)
+
+
+def masked_feature_surgery(tokens, text, valid, redundant):
+    """:func:`feature_surgery` of one image's patches against its valid prompts.
+
+    Args:
+      tokens: (1 + N, D) image tokens, class token first (normalised here).
+      text: (P, D) text embeddings (normalised here); rows where ``valid`` is False
+        are padding and take no part.
+      valid: (P,) bool.
+      redundant: (D,) the embedding subtracted when only one prompt is valid.
+    Returns:
+      (P, N) similarities of the patch tokens (padding rows are meaningless).
+    """
+    f, g = l2_normalize(tokens), l2_normalize(text)
+    n = jnp.maximum(jnp.sum(valid), 1)
+    hi = jax.lax.Precision.HIGHEST
+    prob = jax.nn.softmax(jnp.where(valid, 2.0 * jnp.einsum("pd,d->p", g, f[0], precision=hi), -jnp.inf))
+    sims = jnp.einsum("nd,pd->np", f, g, precision=hi) * (prob * n)  # w = p / mean over the valid prompts
+    several = sims - jnp.sum(jnp.where(valid, sims, 0.0), axis=-1, keepdims=True) / n
+    single = jnp.einsum("nd,pd->np", f, g - jnp.reshape(redundant, (1, -1)), precision=hi)
+    return jnp.where(n > 1, several, single)[1:].T
+
+
+def grid_logits(vit, method: Method, schedule, params, pixels, text, mask, surgery=None):
+    """(B, H, W, 3) pixels, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
+    cosine logits of the method's tokens (CLIP Surgery's feature surgery in their place
+    with ``surgery``, the empty prompt's embedding); invalid prompts are zero."""
+    grid = vit.grid_shape(pixels)
+    tokens = method_tokens(vit, params, pixels, method, schedule)
+    return prompt_logits(tokens, text, mask, grid, surgery)
+
+
+def prompt_logits(tokens, text, mask, grid, surgery=None):
+    """(B, 1 + h*w, D) tokens, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) cosine
+    logits (feature surgery with ``surgery``); invalid prompts are zero."""
+    def one_image(tok, txt, valid):
+        if surgery is None:
+            sims = patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
+        else:
+            sims = masked_feature_surgery(tok, txt, valid, surgery).reshape(-1, *grid)
+        return jnp.where(valid[:, None, None], sims, 0.0)
+
+    return jax.vmap(one_image)(tokens, text, mask)
+
+
+def upsampled_maps(grid_sims, hw):
+    """(B, P, h, w) patch-grid logits -> (logits, heatmaps), each (B, P, H, W): upsampled
+    bilinearly (half-pixel centres) to ``hw``, and min-max scaled."""
+    maps = resize_2d(grid_sims, hw, "bilinear", axes=(-2, -1))
+    return maps, min_max(maps)
+
+
+def image_maps(vit, method: Method, schedule, params, pixels, text, mask, surgery=None):
+    """:func:`grid_logits` upsampled to the input size: (logits, heatmaps), each (B, P, H, W)."""
+    return upsampled_maps(grid_logits(vit, method, schedule, params, pixels, text, mask, surgery),
+                          pixels.shape[1:3])
