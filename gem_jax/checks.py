@@ -11,6 +11,8 @@ import pathlib
 import warnings
 from typing import Iterable, Sequence
 
+from gem_jax.tokenizer import first_duplicate
+
 
 class PromptError(ValueError):
     """Prompts that cannot be used as given."""
@@ -83,12 +85,25 @@ def distinguishable(tokenizer, prompts: Sequence[str], templates: Sequence[str] 
                 _ids(tokenizer, [t.format(b) for t in templates]):
             continue
         if a == b:
-            raise PromptError(f"the {what} {_short(a)} is given twice; give each once")
+            raise PromptError(f"the {what} {_short(a)} is given twice; give each {what} once")
         cut = len(first[i]) and first[i][-1] == tokenizer.eot_token_id  # the row is full: cut
         why = "the tokenizer ignores case and spacing" + (
             f", and cuts texts at {tokenizer.context_length} tokens" if cut else "")
         raise PromptError(f"{what}s {_short(a)} and {_short(b)} are the same to the model ({why}): they would "
-                          "give identical maps; give each once")
+                          f"give identical maps; give each {what} once")
+
+
+def same_after_cleaning(prompts: Sequence[str], what: str = "prompt") -> None:
+    """The part of :func:`distinguishable` that needs no model: prompts equal after the CLIP
+    tokenizer's cleaning (case, spacing, HTML entities) are refused."""
+    dup = first_duplicate(prompts)
+    if dup is None:
+        return
+    a, b = dup
+    if a == b:
+        raise PromptError(f"the {what} {_short(a)} is given twice; give each {what} once")
+    raise PromptError(f"{what}s {_short(a)} and {_short(b)} are the same to the model (the tokenizer ignores case "
+                      f"and spacing): they would give identical maps; give each {what} once")
 
 
 def _short(text: str) -> str:

@@ -306,9 +306,8 @@ class GEM:
           images: a path, PIL image or array (H, W, 3); a batch array (B, H, W, 3); or
             a list of those. uint8, or float in [0, 1].
           prompts: one list of strings for all images, or one list per image (the
-            lists may differ in length). Prompts the model cannot tell apart (the same
-            token ids) are refused; a prompt longer than the model's context is cut, with
-            a warning.
+            lists may differ in length). A prompt longer than the model's context is cut,
+            with a :class:`~gem_jax.checks.PromptTruncatedWarning`.
           size, short_side: override the object's sizing for this call.
           output_size: ``"input"``, maps at the model input size; ``"original"``, each
             image's maps resized (bilinearly) to that image's own height and width.
@@ -325,10 +324,9 @@ class GEM:
             raise ValueError("grid=True returns the patch grid; output_size applies to the upsampled maps")
         images = preprocess.as_image_list(images)
         sets = checks.prompt_sets(prompts, len(images))
-        for s in sets:
-            checks.distinguishable(self.model.tokenizer, s, self.templates)
         sizes = [self.input_size(im, size, short_side) for im in images]
         distinct = list(dict.fromkeys(p for s in sets for p in s))
+        checks.warn_truncated(self.model.tokenizer, distinct, self.templates)
         table = dict(zip(distinct, self.embed_text(distinct)))
         most = max(len(s) for s in sets)
         # Feature surgery weighs every prompt against all the others: one chunk holds them all.
@@ -410,6 +408,8 @@ class GEM:
         if not groups or not all(groups):
             raise ValueError("every class needs at least one name")
         prompts = checks.prompt_sets([n for g in groups for n in g], 1)[0]
+        # Classes the model cannot tell apart would split their probability: refused.
+        checks.distinguishable(self.model.tokenizer, prompts, self.templates, "class name")
         query_class = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold!r}")

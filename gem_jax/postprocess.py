@@ -187,7 +187,12 @@ def decide(probs, background_threshold: float | None, *, area_threshold: float |
     if background_threshold is None:
         return top
     fill = 0 if background is None else background
-    return jnp.where(jnp.max(probs, axis=0) < background_threshold, fill, top)
+    below = jnp.max(probs, axis=0) < background_threshold
+    if probs.shape[0] > 1:
+        # Softmax probabilities of several prompts are below 1 in exact arithmetic, but float32
+        # rounds a dominant one to 1.0: a threshold of 1 still makes every pixel background.
+        below = below | (background_threshold >= 1.0)
+    return jnp.where(below, fill, top)
 
 
 @functools.partial(jax.jit, static_argnames=("logit_scale", "num_classes", "area_threshold", "background"))

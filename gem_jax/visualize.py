@@ -440,4 +440,8 @@ def save_png(array_or_figure, path, *, overwrite=False) -> pathlib.Path:
       ValueError: the array is not a uint8 image.
       TypeError: neither an array nor a Figure was given.
     """
-    return files.atomic_write(path, png_writer(array_or_figure), overwrite=overwrite)
+    try:
+        return files.atomic_write(path, png_writer(array_or_figure), overwrite=overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True to replace "
+                              "it)") from None

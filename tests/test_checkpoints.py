@@ -211,7 +211,7 @@ def test_convert_refuses_to_overwrite_and_replaces_with_force(tmp_path, clip_kit
     src = clip_kit.write_openclip_hub(model, cfg, tmp_path / "hub")
     out = convert(src, tmp_path / "out")
     before = (out / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match="already exists .a gem-jax checkpoint.; pass --force"):
         convert(src, out)
     with pytest.raises(FileExistsError):
         save_native(out, read_native(out).config, read_native(out).params)

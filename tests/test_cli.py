@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -38,7 +39,9 @@ def write_image(path, h=40, w=56, seed=0):
 
 
 def files(d):
-    return sorted(p.name for p in pathlib.Path(d).rglob("*") if p.is_file()) if pathlib.Path(d).exists() else []
+    """The files a user sees in ``d`` (gem-jax's hidden record of what it wrote left out)."""
+    return sorted(p.name for p in pathlib.Path(d).rglob("*") if p.is_file() and not p.name.startswith(".")) \
+        if pathlib.Path(d).exists() else []
 
 
 def test_segment_writes_overlays_grid_labels_and_logits_equal_to_api(env, tmp_path):
@@ -48,9 +51,9 @@ def test_segment_writes_overlays_grid_labels_and_logits_equal_to_api(env, tmp_pa
                        "--model", env["model"], "--gem-layers", "2", "--size", "32x48", "--out", out,
                        "--save-logits", tmp_path / "l.npz")
     assert code == 0, err
-    assert files(out) == ["photo_one__a_boxer.png", "photo_one__cat.png", "photo_one__grid.png",
-                          "photo_one__labels.png"]
-    assert Image.open(out / "photo_one__cat.png").size == (56, 40)  # overlays at the image's own size
+    assert files(out) == ["photo_one__gem__a_boxer.png", "photo_one__gem__cat.png", "photo_one__gem__grid.png",
+                          "photo_one__gem__labels.png"]
+    assert Image.open(out / "photo_one__gem__cat.png").size == (56, 40)  # overlays at the image's own size
     saved = np.load(tmp_path / "l.npz")
     assert saved["logits"].shape == saved["heatmaps"].shape == (1, 2, 32, 48)
     assert list(saved["prompts"]) == ["cat", "a boxer"]
@@ -74,8 +77,8 @@ def test_segment_directory_glob_and_example_with_progress(env, tmp_path):
     assert code == 0, err
     names = files(out)
     # im0.jpg, named twice (by the directory and the glob), is processed once
-    assert set(names) == {"im0__cat.png", "im1__cat.png", "example__cat.png", "im0__grid.png", "im1__grid.png",
-                          "example__grid.png"}
+    assert set(names) == {"im0__gem__cat.png", "im1__gem__cat.png", "example__gem__cat.png", "im0__gem__grid.png",
+                          "im1__gem__grid.png", "example__gem__grid.png"}
     assert "3/3" in err  # the progress bar, on stderr
 
 
@@ -83,7 +86,7 @@ def test_segment_directory_glob_and_example_with_progress(env, tmp_path):
                                   "offline", "no_prompt", "bad_size"])
 def test_bad_input_exit_codes_and_no_output(env, tmp_path, case):
     img = write_image(tmp_path / "ok.png")
-    args = ["segment", img, "-p", "cat", "--model", env["model"]]
+    args = ["segment", img, "-p", "cat", "--model", env["model"], "--gem-layers", "1"]
     expect_code, expect_msg = 1, None
     if case == "missing":
         args[1], expect_msg = tmp_path / "nope.jpg", "nope.jpg"
@@ -101,7 +104,7 @@ def test_bad_input_exit_codes_and_no_output(env, tmp_path, case):
     elif case == "offline":
         args[5], expect_msg = "ViT-B/32:openai", "download"
     elif case == "no_prompt":
-        args, expect_code, expect_msg = ["segment", img, "--model", env["model"]], 2, "prompt"
+        args, expect_code, expect_msg = ["segment", img, "--model", env["model"], "--gem-layers", "1"], 2, "prompt"
     elif case == "bad_size":
         args += ["--size", "big"]
         expect_code, expect_msg = 2, "--size"
@@ -110,7 +113,7 @@ def test_bad_input_exit_codes_and_no_output(env, tmp_path, case):
     assert code == expect_code, err
     assert expect_msg in err
     # one message (after the progress line of the model load); the offline one also spells out the download
-    lines = [line for line in err.strip().splitlines() if not line.startswith("loading model")]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("segment: loading model")]
     assert "Traceback" not in err and len(lines) <= (4 if case == "offline" else 2), err
     assert files(out) == []
 
@@ -119,15 +122,24 @@ def test_existing_output_is_not_overwritten_without_force(env, tmp_path):
     img = write_image(tmp_path / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a__cat.png").write_bytes(b"keep me")
+    (out / "a__gem__cat.png").write_bytes(b"keep me")  # the user's file, where segment would write
     base = ["segment", img, "-p", "cat", "-p", "dog", "--model", env["model"], "--gem-layers", "1", "--size",
             "32", "--out", out]
-    code, _, err = run(env, *base)
-    assert code == 1 and "exists" in err and "--force" in err
-    assert files(out) == ["a__cat.png"] and (out / "a__cat.png").read_bytes() == b"keep me"
+    for force in ([], ["--force"]):  # never replaced: gem-jax did not write it
+        code, _, err = run(env, *base, *force)
+        assert code == 1 and "was not written by gem-jax" in err and "--force" not in err, err
+        assert files(out) == ["a__gem__cat.png"] and (out / "a__gem__cat.png").read_bytes() == b"keep me"
+    (out / "a__gem__cat.png").unlink()
+    assert run(env, *base)[0] == 0
+    code, _, err = run(env, *base)  # its own files: replaced only with --force
+    assert code == 1 and "exists" in err and "--force" in err, err
     code, _, err = run(env, *base, "--force")
     assert code == 0, err
-    assert (out / "a__cat.png").read_bytes() != b"keep me"
+    # a second method writes beside the first instead of in its way
+    code, _, err = run(env, img, "-p", "cat", "--model", env["model"], "--method", "clearclip", "--size", "32",
+                       "--out", out)
+    assert code == 0, err
+    assert {"a__gem__cat.png", "a__clearclip__cat.png"} <= set(files(out))
 
 
 def test_models_and_convert(env, tmp_path):
@@ -198,7 +210,7 @@ def test_segment_one_tower_pass_serves_prompts_and_classes(env, tmp_path, monkey
                             "--no-compile-cache"], capsys)
     assert code == 0, err
     assert calls == [["cat", "sofa", "plant"]]  # one pass, each text once
-    assert files(tmp_path / "o") == ["a__cat.png", "a__grid.png", "a__labels.png", "a__sofa.png"]
+    assert files(tmp_path / "o") == ["a__gem__cat.png", "a__gem__grid.png", "a__gem__labels.png", "a__gem__sofa.png"]
     # feedback on stderr: the load, the compilation and the time taken
     assert "loading model" in err and "compiling for 32x32" in err and " s" in err.splitlines()[-1]
 
@@ -220,8 +232,9 @@ def test_segment_on_error_skip_goes_on_and_lists_the_skipped(env, tmp_path, caps
     assert code == 1 and "broken.png" in err and "--on-error skip" in err
     assert files(tmp_path / "fail") == []
     code, err = in_process([*base, "--out", tmp_path / "skip", "--on-error", "skip"], capsys)
-    assert code == 0, err
-    assert files(tmp_path / "skip") == ["ok0__cat.png", "ok0__grid.png", "ok1__cat.png", "ok1__grid.png"]
+    assert code == 3, err  # done, with inputs skipped: the same status in every command
+    assert files(tmp_path / "skip") == ["ok0__gem__cat.png", "ok0__gem__grid.png", "ok1__gem__cat.png",
+                                        "ok1__gem__grid.png"]
     assert "wrote 4 file(s)" in err
     tail = err[err.index("skipped 1 unreadable image"):]
     assert str(bad) in tail
@@ -252,7 +265,8 @@ def test_convert_random_then_segment_labels_the_pictures(env, tmp_path, monkeypa
 
 
 def test_segment_streams_decoding_a_bounded_number_of_images_ahead(env, tmp_path, monkeypatch, capsys):
-    from gem_jax import cli, pipeline, preprocess
+    from gem_jax import pipeline, preprocess
+    from gem_jax.cli import segment as segment_cmd
 
     n = 12
     paths = [write_image(tmp_path / f"im{i:02d}.png", seed=i) for i in range(n)]
@@ -276,7 +290,7 @@ def test_segment_streams_decoding_a_bounded_number_of_images_ahead(env, tmp_path
     assert len(decoded) == n and len(at_call) == n  # each image decoded once, one model call each
     assert 1 <= at_call[0] < n  # the first result did not wait for every image to be decoded
     # at most the loader's prefetch ahead of the model at any time: memory does not grow with n
-    assert all(count <= k + 1 + cli.SEGMENT_PREFETCH for k, count in enumerate(at_call)), at_call
+    assert all(count <= k + 1 + segment_cmd.SEGMENT_PREFETCH for k, count in enumerate(at_call)), at_call
     assert len(files(tmp_path / "o")) == 2 * n
 
 
@@ -294,8 +308,9 @@ def test_segment_stops_or_skips_on_a_bad_image_found_while_streaming(env, tmp_pa
     assert not [p for p in tmp_path.iterdir() if ".gemjax-" in p.name]  # no temporary logits left
     code, err = in_process([*base, "--out", tmp_path / "skip", "--on-error", "skip",
                             "--save-logits", tmp_path / "skip.npz"], capsys)
-    assert code == 0, err
-    assert files(tmp_path / "skip") == ["ok0__cat.png", "ok0__grid.png", "ok1__cat.png", "ok1__grid.png"]
+    assert code == 3, err
+    assert files(tmp_path / "skip") == ["ok0__gem__cat.png", "ok0__gem__grid.png", "ok1__gem__cat.png",
+                                        "ok1__gem__grid.png"]
     assert str(cut) in err[err.index("skipped 1 unreadable image"):]
     assert list(np.load(tmp_path / "skip.npz")["images"]) == [str(good[0]), str(good[1])]
 
@@ -316,7 +331,8 @@ def test_segment_save_logits_written_incrementally_equals_the_in_memory_file(env
     gem = gem_jax.GEM(gem_jax.load(env["model"]), layers=1, short_side=32)
     outs = [gem.heatmaps(str(p), prompts) for p in paths]
     arrays = {"prompts": np.array(prompts), "images": np.array([str(p) for p in paths]),
-              "sizes": np.array([o.sizes[0] for o in outs], dtype=np.int32)}
+              "sizes": np.array([o.sizes[0] for o in outs], dtype=np.int32),
+              "description": np.array(json.dumps(gem.describe()))}
     if sizes == "same":
         arrays["logits"] = np.stack([o.logits[0] for o in outs])
         arrays["heatmaps"] = np.stack([o.heatmaps[0] for o in outs])
@@ -334,4 +350,5 @@ def test_segment_save_logits_written_incrementally_equals_the_in_memory_file(env
             assert (got[key] == want[key]).all(), key
         else:
             np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["l.npz"]  # no temporaries left
+    # no temporaries left; beside the file, gem-jax's record that it wrote it
+    assert sorted(p.name for p in target.parent.iterdir()) == [".gem-jax-files.jsonl", "l.npz"]

@@ -230,12 +230,12 @@ def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env,
         # Another image of the same input size and bucket: results only, no notice, and
         # JAX compiled nothing new.
         (gem,) = demo._gems.values()
-        programs = gem._maps._cache_size()
+        programs = gem.compiled_programs()
         second = list(demo.run(picture[::-1], "sofa, cat, dog", "gem", layers=2, size="64x96"))
         assert len(second) == 1 and second[0][4].startswith("Done") and "compilation" not in second[0][3]
-        assert gem._maps._cache_size() == programs
+        assert gem.compiled_programs() == programs
         third = list(demo.run(picture, "cat", "gem", layers=2, size="96"))
-        assert len(third) == 2 and "compilation" in third[1][3] and gem._maps._cache_size() == programs + 1
+        assert len(third) == 2 and "compilation" in third[1][3] and gem.compiled_programs() == programs + 1
         # A model with random weights says so in the page and in the label map's title.
         assert result.note is None and "RANDOM" not in status
         gem.model = dataclasses.replace(gem.model, random_weights=True)  # as from gem-jax convert --random

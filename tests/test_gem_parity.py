@@ -52,7 +52,8 @@ def run_both(model, jax_model, image, prompts, hw, *, layers, iterations=1, temp
         raw = ref(x, prompts, normalize=False, return_ori=method == "clip").numpy()
         heat = ref(x, prompts, normalize=True, return_ori=method == "clip").numpy()
     with jax.default_matmul_precision("highest"):
-        g = GEM(jax_model, method=method, layers=layers, iterations=iterations, temperature=temperature, size=hw)
+        options = dict(layers=layers, iterations=iterations, temperature=temperature) if method == "gem" else {}
+        g = GEM(jax_model, method=method, size=hw, **options)
         out = g.heatmaps(image, prompts)
     return raw, heat, out
 

@@ -44,8 +44,9 @@ def write_image(path, h=40, w=56, seed=0):
 
 
 def listing(d):
+    """What a user sees in ``d`` (gem-jax's hidden record of the files it wrote left out)."""
     d = pathlib.Path(d)
-    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.name != ".gem-jax-files.jsonl")
 
 
 # ----------------------------------------------------------------------------- convert --force
@@ -105,12 +106,12 @@ def test_segment_output_names_are_distinct_and_the_count_is_true(tiny_model, tmp
     assert len(names) == 3 * (len(prompts) + 2)  # per image: an overlay per prompt, the grid, the label map
     assert len({n.lower() for n in names}) == len(names)  # distinct on case-insensitive file systems too
     assert f"wrote {len(names)} file(s)" in err
-    assert "a__a_cat.png" in names and "a__grid.png" in names  # plain prompts keep plain names
+    assert "a__gem__a_cat.png" in names and "a__gem__grid.png" in names  # plain prompts keep plain names
     # a name depends on its prompt only, not on the others given with it
     code, err = gem_jax_cli(capsys, "segment", tmp_path / "d1" / "a.png", "-p", "猫", "--model", tiny_model,
                             "--gem-layers", "1", "--size", "32", "--out", tmp_path / "solo")
     assert code == 0, err
-    assert set(listing(tmp_path / "solo")) - {"a__grid.png"} <= set(names)
+    assert set(listing(tmp_path / "solo")) - {"a__gem__grid.png"} <= set(names)
 
 
 # ----------------------------------------------------------------------------- duplicate classes
@@ -122,13 +123,13 @@ def test_duplicate_classes_are_refused(tiny_model, tmp_path, capsys, classes):
     out = tmp_path / "out"
     code, err = gem_jax_cli(capsys, "segment", img, "--classes", *classes, "--model", tiny_model, "--gem-layers", "1",
                             "--size", "32", "--out", out)
-    assert code == 2 and "give each once" in err, err
+    assert code == 2 and "give each class name once" in err, err
     assert not out.exists()
 
     import gem_jax
 
     gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, size=32)
-    with pytest.raises(ValueError, match="give each class once"):
+    with pytest.raises(ValueError, match="give each class name once"):
         gem.segment(str(img), classes)
 
 
@@ -192,13 +193,18 @@ def eval_args(voc, tiny_model, *extra):
 
 def test_eval_out_is_not_overwritten_without_force(voc, tiny_model, tmp_path, capsys):
     out = tmp_path / "results.json"
-    out.write_text("last week's results")
+    out.write_text("last week's results")  # the user's: never replaced, --force or not
+    for force in ([], ["--force"]):
+        code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1", *force))
+        assert code == 1 and "was not written by gem-jax" in err and "--force" not in err, err
+        assert out.read_text() == "last week's results"
+    out.unlink()
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1"))
-    assert code == 1 and "--force" in err, err
-    assert out.read_text() == "last week's results"
+    assert code == 0 and '"mIoU"' in out.read_text(), err
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1"))
+    assert code == 1 and "pass --force" in err, err  # its own results: replaced only when asked
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--limit", "1", "--force"))
-    assert code == 0, err
-    assert '"mIoU"' in out.read_text()
+    assert code == 0 and '"mIoU"' in out.read_text(), err
 
 
 def test_eval_saves_its_state_on_sigterm(voc, tiny_model, tmp_path, capsys, monkeypatch):
@@ -268,10 +274,14 @@ def test_eval_damaged_state_file_gets_a_message_naming_it(voc, tiny_model, tmp_p
     out.unlink()
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out))
     assert code == 1, err
-    assert str(state) in err and "--restart" in err and "rerun" not in err, err
-    assert "BadZipFile" not in err.replace("(BadZipFile)", "")  # named as the cause, not as the message
+    # changed since gem-jax wrote it: named, left alone, and no step offered that would delete it
+    assert str(state) in err and "--restart" not in err and "rerun" not in err, err
+    assert "BadZipFile" not in err
     assert len(err.strip().splitlines()) == 1
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out, "--restart"))
+    assert code == 1 and state.exists(), err
+    state.rename(tmp_path / "moved-away.npz")
+    code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out))
     assert code == 0, err
 
 
@@ -291,7 +301,8 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(voc, tiny_model, tm
     assert len(leftovers) == 1
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--out", out_dir / "r.json", "--limit", "1"))
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == [".notes.tmp", "r.json", "r.json.state.npz"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".gem-jax-files.jsonl", ".notes.tmp", "r.json",
+                                                         "r.json.state.npz"]
 
 
 # ----------------------------------------------------------------------------- fail early, in our words
@@ -303,7 +314,9 @@ def test_segment_refuses_bad_options_before_loading_the_model(tiny_model, tmp_pa
     def no_load(name):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "_load_model", no_load)
+    from gem_jax import loading
+
+    monkeypatch.setattr(loading, "open_model", no_load)
     img = write_image(tmp_path / "a.png")
     out = tmp_path / "out"
     extra = {"logits_dir": ["--save-logits", tmp_path], "out_file": [], "cache_file": [],
@@ -325,9 +338,9 @@ def test_segment_refuses_bad_options_before_loading_the_model(tiny_model, tmp_pa
 
 
 def test_eval_refuses_bad_options_before_loading_the_model(voc, tiny_model, tmp_path, capsys, monkeypatch):
-    from gem_jax.cli import eval as command
+    from gem_jax import loading
 
-    monkeypatch.setattr(command, "_load_model", lambda name: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loading, "open_model", lambda name: pytest.fail("the model was loaded"))
     code, err = gem_jax_cli(capsys, *eval_args(voc, tiny_model, "--temperature", "1e-9"))
     assert code == 2 and "temperature" in err, err
     (tmp_path / "preds").write_text("a file")
@@ -399,9 +412,9 @@ def test_long_side_is_capped_in_short_side_mode(tiny_model):
     assert preprocess.target_size(5000, 5, short_side=448, patch_size=16, max_long_side=2048) == (2048, 16)
     assert preprocess.target_size(375, 500, short_side=448, patch_size=16, max_long_side=2048) == (448, 592)
     gem = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, short_side=448)
-    assert max(gem._input_size(np.zeros((5, 5000, 3), np.uint8), None, None)) == gem_jax.pipeline.MAX_LONG_SIDE
+    assert max(gem.input_size(np.zeros((5, 5000, 3), np.uint8))) == gem_jax.pipeline.MAX_LONG_SIDE
     free = gem_jax.GEM(gem_jax.load(str(tiny_model)), layers=1, short_side=448, max_long_side=None)
-    assert free._input_size(np.zeros((5, 5000, 3), np.uint8), None, None) == (448, 448000)
+    assert free.input_size(np.zeros((5, 5000, 3), np.uint8)) == (448, 448000)
 
 
 def test_memory_estimate_refuses_with_the_figure_and_the_way_out(tiny_model, tmp_path, capsys):
@@ -422,7 +435,8 @@ def test_memory_estimate_refuses_with_the_figure_and_the_way_out(tiny_model, tmp
     img = write_image(tmp_path / "a.png")
     code, err = gem_jax_cli(capsys, "segment", img, "-p", "cat", "--model", tiny_model, "--gem-layers", "1",
                             "--size", "4096", "--out", tmp_path / "out")
-    assert code == 1 and "GiB" in err and "smaller size" in err, err
+    assert code == 1 and "GiB" in err and "a smaller --size or --short-side" in err, err
+    assert "Schedule" not in err and "memory_limit" not in err  # the command line's words, not Python's
     assert not (tmp_path / "out").exists()
 
 
@@ -436,11 +450,13 @@ def test_many_prompts_go_in_chunks_with_the_same_results(tiny_model, monkeypatch
     whole = gem_jax.GEM(model, layers=1, size=32).heatmaps([image, image], [prompts, prompts[:5]])
     monkeypatch.setattr(pipeline, "PROMPT_CHUNK", 8)
     gem = gem_jax.GEM(model, layers=1, size=32)
-    widths = []
-    real = gem._maps
-    gem._maps = lambda params, pixels, text, mask: (widths.append(text.shape[1]), real(params, pixels, text, mask))[1]
+    widths, towers = [], []
+    real, real_tokens = gem.maps, gem.tokens
+    gem.maps = lambda tokens, text, mask: (widths.append(text.shape[1]), real(tokens, text, mask))[1]
+    gem.tokens = lambda pixels: (towers.append(pixels.shape[0]), real_tokens(pixels))[1]
     chunked = gem.heatmaps([image, image], [prompts, prompts[:5]])
     assert set(widths) == {8} and len(widths) == 3  # 21 prompts: three calls of 8, never all at once
+    assert towers == [2]  # and the image tower ran once for both images, not once per chunk
     for a, b in zip(chunked.logits, whole.logits):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -77,16 +77,19 @@ def test_prompt_counts_share_one_compilation(model, caplog):
             g.heatmaps(image(seed=len(prompts)), prompts)
         g.heatmaps([image(), image(seed=1), image(seed=2)], [["a"], ["b", "c"], ["d", "e", "f"]])
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-    maps = [m for m in compiles if "_image_maps" in m]
-    # 1 image x 8 prompts was warm; the 3-image call pads to a batch of 4: one new program.
-    assert len(maps) == 1, compiles
+    # 1 image x 8 prompts was warm; the 3-image call pads to a batch of 4: one new tower
+    # program and one new logits program, nothing for the prompt counts.
+    assert len([m for m in compiles if "_token_grid" in m]) == 1, compiles
+    assert len([m for m in compiles if "_maps_of_tokens" in m]) == 1, compiles
 
 
 def test_text_embeddings_cached(model, monkeypatch):
-    g = GEM(model, layers=1, size=32)
+    g = GEM(model, layers=1, size=32, text_cache=False)
     calls = []
-    encode = g._encode_texts
-    monkeypatch.setattr(g, "_encode_texts", lambda texts: calls.append(list(texts)) or encode(texts))
+    from gem_jax.text import TextEncoder
+
+    encode = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts: calls.append(list(texts)) or encode(self, texts))
     first = g.embed_text(["cat", "dog"])
     second = g.embed_text(["dog", "cat", "cat"])
     assert calls == [["a photo of a cat.", "a photo of a dog."]]

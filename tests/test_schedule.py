@@ -179,7 +179,7 @@ SHARDED_RUN = textwrap.dedent("""
     from gem_jax.config import CLIPConfig
     from gem_jax.models import init_params
     from gem_jax.loading import Model
-from gem_jax.pipeline import GEM
+    from gem_jax.pipeline import GEM
     from gem_jax.tokenizer import Tokenizer
     from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
 
@@ -193,7 +193,7 @@ from gem_jax.pipeline import GEM
                         schedule=PER_IMAGE if schedule == "per_image" else "auto")
                 res = g.heatmaps(images(), PROMPTS)
             out[name + "_" + schedule] = [np.asarray(x).tolist() for x in res.logits]
-        out[name + "_sharding"] = str(g._vparams["conv1"]["kernel"].sharding)
+        out[name + "_sharding"] = str(g.visual_params["conv1"]["kernel"].sharding)
     json.dump(out, sys.stdout)
 """)
 PROMPTS = [["cat", "dog"], ["car"], ["tree", "sky", "road"], ["cat"], ["dog", "car"]]
@@ -241,7 +241,7 @@ MULTI_HOST_WORKER = textwrap.dedent("""
     import numpy as np
     from gem_jax.models import init_params
     from gem_jax.loading import Model
-from gem_jax.pipeline import GEM
+    from gem_jax.pipeline import GEM
     from gem_jax.tokenizer import Tokenizer
     from test_schedule import SMALL, sharpened, images, PROMPTS, PER_IMAGE
 

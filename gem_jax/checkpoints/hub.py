@@ -10,6 +10,7 @@ import importlib.resources
 import threading
 import warnings
 
+import gem_jax
 from gem_jax.checkpoints.layouts import CheckpointError, config_diff
 from gem_jax.checkpoints.native import NotReplaceableError, check_target, is_native, save_native
 from gem_jax.checkpoints.readers import read_checkpoint, read_directory, with_activation
@@ -43,7 +44,7 @@ def weights_dir() -> pathlib.Path:
     env = os.environ.get("GEM_JAX_WEIGHTS")
     if env:
         return pathlib.Path(env).expanduser()
-    checkout = pathlib.Path(__file__).resolve().parents[2] / "weights"  # gem_jax/checkpoints/hub.py
+    checkout = pathlib.Path(gem_jax.__file__).resolve().parents[1] / "weights"
     if checkout.is_dir():
         return checkout
     cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
