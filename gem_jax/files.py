@@ -284,6 +284,10 @@ class Ledger:
         entry = self._entries().get(path.name)
         return entry is not None and entry == _stamp(path)
 
+    def recorded(self, path) -> bool:
+        """Whether gem-jax recorded writing a file of this name here (changed since or not)."""
+        return pathlib.Path(path).name in self._entries()
+
     def _append(self, docs: list[dict]) -> None:
         if not docs:
             return

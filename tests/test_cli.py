@@ -136,7 +136,7 @@ def test_existing_output_is_not_overwritten_without_force(env, tmp_path):
     code, _, err = run(env, *base, "--force")
     assert code == 0, err
     # a second method writes beside the first instead of in its way
-    code, _, err = run(env, img, "-p", "cat", "--model", env["model"], "--method", "clearclip", "--size", "32",
+    code, _, err = run(env, "segment", img, "-p", "cat", "--model", env["model"], "--method", "clearclip", "--size", "32",
                        "--out", out)
     assert code == 0, err
     assert {"a__gem__cat.png", "a__clearclip__cat.png"} <= set(files(out))

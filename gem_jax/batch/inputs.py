@@ -127,7 +127,7 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
     (its image members) or ``@FILE``: a text file with one such argument per line
     (blank lines and lines starting with ``#`` skipped). Raises :class:`InputError`.
     """
-    items: dict[str, Item] = {}
+    items: dict[tuple, Item] = {}
     for arg in args:
         arg = os.fspath(arg)
         if arg.startswith("@"):
@@ -143,13 +143,13 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
         else:
             found = _expand_one(arg, False)
         for it in found:
-            items.setdefault(it.path, it)
+            items.setdefault((it.path, it.offset or 0), it)  # tar members of one name stay apart
     # the same file reached twice (a symlink, ``x/./a.jpg``, a directory symlink loop) once
     seen: set = set()
     out = []
     for key in sorted(items):
         it = items[key]
-        real = (os.path.realpath(it.file), it.offset if it.error is None else ("dup", it.path))
+        real = (os.path.realpath(it.file), it.offset)
         if real in seen:
             continue
         seen.add(real)

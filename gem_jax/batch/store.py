@@ -145,7 +145,7 @@ def manifest_lock(out_dir: pathlib.Path):
 
     fd = os.open(pathlib.Path(out_dir) / f".{MANIFEST}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -181,7 +181,7 @@ class ShardLock:
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip()
@@ -212,7 +212,7 @@ def owned_job_files(out_dir: pathlib.Path) -> list[pathlib.Path]:
     found = [out_dir / n for n in files.Ledger(out_dir).names()]
     parts = out_dir / PARTS
     if parts.is_dir():
-        found += [parts / n for n in files.Ledger(parts).names()]
+        found += [p for p in sorted(parts.iterdir()) if files.Ledger(parts).recorded(p)]
         pending = parts / PENDING
         if pending.is_dir():
             for d in sorted(pending.iterdir()):
@@ -235,7 +235,8 @@ def foreign_files(out_dir: pathlib.Path) -> list[pathlib.Path]:
     if parts.is_dir():
         pl = files.Ledger(parts)
         for p in sorted(parts.iterdir()):
-            if p.name.startswith("part-") and p.name.endswith(".parquet") and not pl.owned(p):
+            # a part the job recorded writing is its own, even damaged since (it is then redone)
+            if p.name.startswith("part-") and p.name.endswith(".parquet") and not pl.recorded(p):
                 out.append(p)
     return out
 
@@ -245,7 +246,11 @@ def clear_job(out_dir: pathlib.Path) -> list[pathlib.Path]:
     else; returns them."""
     removed = []
     for p in owned_job_files(out_dir):
-        if files.remove_owned(p):
+        if p.parent.name == PARTS and files.Ledger(p.parent).recorded(p):
+            p.unlink(missing_ok=True)  # a part of the job's, damaged or not
+            files.Ledger(p.parent).forget(p)
+            removed.append(p)
+        elif files.remove_owned(p):
             removed.append(p)
     pending = pathlib.Path(out_dir) / PARTS / PENDING
     if pending.is_dir():
@@ -512,8 +517,11 @@ def load_results(directory, errors: bool = False) -> Results:
 
 
 def remove_tree_owned(d: pathlib.Path) -> None:
-    """Removes a pending part directory's files that gem-jax wrote, then the directory if empty."""
+    """Removes a pending part directory's files that gem-jax wrote, then the directory (and the
+    pending directory above it) if nothing else is left."""
     for n in files.Ledger(d).names():
         files.remove_owned(d / n)
     files.remove_stale(d)
     _rmdir_if_only_ledger(d)
+    with contextlib.suppress(OSError):
+        d.parent.rmdir()  # only when empty

@@ -85,6 +85,8 @@ def batch_prompts(args) -> tuple[list[str], list[str] | None]:
     try:
         prompts = checks.clean_prompts(prompts)
         classes = checks.clean_prompts(args.classes, "class name") if args.classes else None
+        checks.same_after_cleaning(prompts)  # the full check needs the model's tokenizer: after it loads
+        checks.same_after_cleaning(classes or [], "class name")
     except checks.PromptError as e:
         raise UsageError(str(e)) from None
     if not prompts and not classes:
