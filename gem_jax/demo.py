@@ -314,7 +314,7 @@ class Demo:
         defaults, and refused (naming the method's options) when moved."""
         if method not in method_names():
             raise DemoError(f"Unknown method {method!r}; pick one of {', '.join(method_names())}.")
-        layers = _whole(layers, "Layers", 1)
+        layers = self.default_layers(model_name) if layers in (None, "") else _whole(layers, "Layers", 1)
         iterations = _whole(iterations, "Iterations", 0)
         temperature = _number(temperature if temperature not in (None, "") else 0.0, "Temperature", 0.0)
         sigma = _number(sigma if sigma not in (None, "") else 0.0, "Sigma", 0.0)
@@ -346,11 +346,12 @@ class Demo:
         self._gems.move_to_end(key)
         return key, self._gems[key]
 
-    def run(self, image, prompts, method="gem", model=None, layers=DEFAULTS["layers"],
+    def run(self, image, prompts, method="gem", model=None, layers=None,
             iterations=DEFAULTS["iterations"], temperature=DEFAULTS["temperature"], size=DEFAULTS["size"],
             background_threshold=DEFAULTS["background_threshold"], sigma=DEFAULTS["sigma"]):
         """The page's main action, as a generator of output tuples
-        ``(overlays, label_map, npz, timing, status, result)``.
+        ``(overlays, label_map, npz, timing, status, result)``. ``layers=None`` is the layers
+        slider's start (:meth:`default_layers`).
 
         Yields a "compiling" notice first when this input size or prompt-count bucket is
         new for these options, then the results; bad input yields one message instead.

@@ -112,6 +112,7 @@ class GEM:
       text_cache: keep prompt embeddings on disk between processes
         (:mod:`gem_jax.textcache`; ``True`` for the default location, a directory, or
         ``False``).
+      **method_options: options of a registered method's attention (its fields), by name.
     """
 
     def __init__(self, model: Model, *, method: str | Method | None = None, layers: int | None = None,
@@ -122,7 +123,7 @@ class GEM:
                  template: str | Sequence[str] | None = None, batch_size: int = 8, dtype: str = "float32",
                  schedule: tower.Schedule | str = "auto", devices: Sequence[Any] | None = None,
                  max_long_side: int | None = MAX_LONG_SIDE, memory_limit: int | str | None = "auto",
-                 text_cache: bool | str | None = True):
+                 text_cache: bool | str | None = True, **method_options):
         if not isinstance(model, Model):
             raise TypeError(f"GEM takes a model from gem_jax.load(), got {type(model).__name__}")
         if dtype not in _DTYPES:
@@ -132,7 +133,7 @@ class GEM:
         self.model = model
         given = dict(method=method, layers=layers, iterations=iterations, temperature=temperature,
                      projections=projections, normalize=normalize, mlp=mlp, residual=residual, sigma=sigma,
-                     size=size, short_side=short_side, template=template)
+                     size=size, short_side=short_side, template=template, **method_options)
         settings = _with_model_defaults(given, model.defaults)
         #: What the method does to the last blocks (a :class:`~gem_jax.Method`).
         self.method: Method = get_method(settings.pop("method") or "gem",
