@@ -12,9 +12,10 @@ Set ``GEM_JAX_DEMO_SCREENSHOT=docs/demo.png`` to also write the page's screensho
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import dataclasses
+import io
+import json
+import os
 import pathlib
 import queue
 import shutil
@@ -107,7 +108,8 @@ class Server:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     model = root / "tiny-model"
-    save_native(model, TINY, init_params(TINY, seed=5))
+    # random weights, marked as such (as `gem-jax convert --random` writes them): the page says so
+    save_native(model, TINY, init_params(TINY, seed=5), metadata={"random_weights": True})
     e = dict(os.environ, GEM_JAX_WEIGHTS=str(root / "weights"), GEM_JAX_COMPILE_CACHE=str(root / "xla"),
              HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="False",
              PYTHONUNBUFFERED="1")
@@ -139,7 +141,8 @@ def test_segment_api_logits_match_gem_heatmaps(server, env, tmp_path):
     # The page's defaults: 448 input, adaptive temperature, all of the tiny model's 3 blocks.
     api = pipeline.GEM(loading.load(str(env["model"])), layers=3).heatmaps(str(img), ["cat", "sofa"])
     saved = np.load(npz)
-    assert sorted(saved.files) == ["heatmaps", "images", "logits", "prompts", "sizes"]
+    assert sorted(saved.files) == ["description", "heatmaps", "images", "logits", "prompts", "sizes"]
+    assert json.loads(str(saved["description"]))["method"]["name"] == "gem"
     assert list(saved["prompts"]) == ["cat", "sofa"] and list(saved["images"]) == ["photo.png"]
     assert saved["logits"].shape == (1, 2, 448, 448) and saved["sizes"].tolist() == [[448, 448]]
     np.testing.assert_allclose(saved["logits"], api.logits, rtol=0, atol=1e-5)
@@ -229,18 +232,20 @@ def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env,
         assert result.logits.shape == (2, 64, 96)
         # Another image of the same input size and bucket: results only, no notice, and
         # JAX compiled nothing new.
-        (gem,) = demo._gems.values()
+        (gem,) = demo._gems.values()  # one option set so far
         programs = gem.compiled_programs()
         second = list(demo.run(picture[::-1], "sofa, cat, dog", "gem", layers=2, size="64x96"))
         assert len(second) == 1 and second[0][4].startswith("Done") and "compilation" not in second[0][3]
         assert gem.compiled_programs() == programs
         third = list(demo.run(picture, "cat", "gem", layers=2, size="96"))
         assert len(third) == 2 and "compilation" in third[1][3] and gem.compiled_programs() == programs + 1
-        # A model with random weights says so in the page and in the label map's title.
-        assert result.note is None and "RANDOM" not in status
-        gem.model = dataclasses.replace(gem.model, random_weights=True)  # as from gem-jax convert --random
-        ((*_, noted_status, noted),) = demo.run(picture, "cat", "gem", layers=2, size="96")
-        assert loading.RANDOM_WEIGHTS_NOTE in noted_status and noted.note == loading.RANDOM_WEIGHTS_NOTE
+        # A model with random weights says so in the page and in the pictures' titles, which
+        # also name the method and the model.
+        assert loading.RANDOM_WEIGHTS_NOTE in status and loading.RANDOM_WEIGHTS_NOTE in result.note
+        assert result.note.startswith("gem on tiny-model (local)")
+        gem.model = dataclasses.replace(gem.model, random_weights=False)
+        ((*_, plain_status, plain),) = demo.run(picture, "cat", "gem", layers=2, size="96")
+        assert "RANDOM" not in plain_status and "RANDOM" not in plain.note
 
         expect = postprocess.labels_from_logits(result.logits, 1.0)
         assert (expect == 0).all()  # at threshold 1 every pixel is background...
@@ -371,8 +376,9 @@ def test_page_opens_offline_and_says_what_to_download(env, browser, tmp_path):
     try:
         with page_of(browser, s.url) as page:
             banner = page.inner_text("#banner")
-            assert "ViT-B/16:openai" in banner and "hf download openai/clip-vit-base-patch16" in banner
-            assert str(pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"]) / "ViT-B-16.openai") in banner
+            # the page names the model but no server path; the terminal has the download command
+            assert "ViT-B/16:openai" in banner and "not available on this server" in banner
+            assert env["env"]["GEM_JAX_WEIGHTS"] not in page.content()
             page.fill("#prompts textarea", "cat")
             page.click("#run")
             assert "Upload an image first" in _status(page, "Upload an image")
@@ -385,7 +391,86 @@ def test_page_opens_offline_and_says_what_to_download(env, browser, tmp_path):
             page.set_input_files("#image input[type=file]", str(write_image(tmp_path / "a.png")))
             page.wait_for_selector("#image img", timeout=30_000)
             page.click("#run")
-            assert "hf download" in _status(page, "is not available")  # the same message on running
-        assert any("is not available" in line for line in s.err if line)  # and on the terminal
+            assert "terminal" in _status(page, "is not available")  # the same message on running
+        assert any("hf download openai/clip-vit-base-patch16" in line for line in s.err if line)  # the terminal's
     finally:
         s.stop()
+
+
+def _call_raw(url, data):
+    """POSTs a raw payload to ``/segment`` as any HTTP client can, bypassing gradio_client's
+    file handling; returns the final event's text."""
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/call/segment", json={"data": data}, timeout=60)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}: {r.text}"
+    event_id = r.json()["event_id"]
+    with httpx.stream("GET", f"{url}gradio_api/call/segment/{event_id}", timeout=300) as stream:
+        return "".join(stream.iter_text())
+
+
+def test_server_paths_are_never_read(server, env, tmp_path):
+    """Payloads naming files on the server, in every shape: refused with the same answer
+    whether the file exists or not, and no answer names it."""
+    real = write_image(tmp_path / "secret.png")  # a readable image on the server
+    missing = tmp_path / "missing.png"
+    shapes = [
+        lambda p: {"path": str(p)},
+        lambda p: {"path": str(p), "orig_name": "x.png"},
+        lambda p: {"path": str(p), "meta": {"_type": "gradio.FileData"}},
+        lambda p: str(p),
+        lambda p: {"path": f"{tmp_path}/../{tmp_path.name}/{p.name}"},
+    ]
+    for shape in shapes:
+        answers = []
+        for target in (real, missing):
+            text = _call_raw(server.url, [shape(target), "cat", "gem"])
+            assert "Done" not in text and str(tmp_path) not in text and "secret" not in text, text
+            answers.append(text.replace(target.name, "NAME"))
+        assert answers[0] == answers[1], answers
+    # the schema names no server path (the model is listed by its label)
+    import httpx
+
+    info = httpx.get(f"{server.url}gradio_api/info", timeout=60).text
+    assert str(env["model"]) not in info and str(env["root"]) not in info
+
+
+def test_a_huge_upload_is_answered_and_the_server_lives(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.full((8000, 8000, 3), 120, np.uint8)).save(big, quality=50)
+    client = Client(server.url, verbose=False)
+    gallery, label_map, npz, timing, status = client.predict(handle_file(str(big)), "cat, sofa", "gem",
+                                                             api_name="/segment")
+    assert status.startswith("Done") or "GiB" in status, status
+    if gallery:  # processed: the pictures are drawn at most 2048 pixels on a side
+        assert max(Image.open(gallery[0]["image"]).size) <= 2048
+    again = client.predict(handle_file(str(write_image(tmp_path / "small.png"))), "cat", "gem", api_name="/segment")
+    assert again[4].startswith("Done"), again[4]
+
+
+def test_page_says_random_weights_before_run_and_shows_the_whole_label_map_title(browser, server, tmp_path):
+    with page_of(browser, server.url) as page:
+        assert "RANDOM weights" in page.inner_text("#banner")  # before anything is run
+        page.set_input_files("#image input[type=file]", str(write_image(tmp_path / "a.png")))
+        page.wait_for_selector("#image img", timeout=30_000)
+        page.fill("#prompts textarea", "cat, sofa")
+        page.click("#run")
+        _status(page, "Done")
+        page.wait_for_function("(() => { const i = document.querySelector('#label-map img'); "
+                               "return i && i.complete && i.naturalWidth > 0; })()", timeout=RUN_TIMEOUT)
+        # nothing of Gradio's is drawn over the picture (its label badge would cover the title)
+        overlapping = page.evaluate("""() => {
+            const img = document.querySelector('#label-map img').getBoundingClientRect();
+            return [...document.querySelectorAll('#label-map *')].filter(e => {
+                if (e.tagName === 'IMG' || e.contains(document.querySelector('#label-map img'))) return false;
+                const r = e.getBoundingClientRect(), s = getComputedStyle(e);
+                return r.width > 0 && r.height > 0 && s.visibility !== 'hidden' && s.display !== 'none' &&
+                       r.bottom > img.top && r.top < img.top + 40 && r.right > img.left && r.left < img.right &&
+                       e.innerText && e.innerText.trim().length > 0;
+            }).map(e => e.innerText);
+        }""")
+        assert overlapping == [], overlapping
+        assert "background threshold" in page.inner_text("#timing")

@@ -317,10 +317,10 @@ def parse(argv):
 
 
 def test_command_end_to_end_and_exit_codes(tmp_path, model, monkeypatch, capsys):
-    from gem_jax import pipeline
+    from gem_jax import loading
 
     make_voc(tmp_path / "voc")
-    monkeypatch.setattr(pipeline, "load", lambda name=None, **kw: model)
+    monkeypatch.setattr(loading, "load", lambda name=None, **kw: model)
     monkeypatch.setitem(PROTOCOLS, "gem", SMALL_GEM)
     out = tmp_path / "res" / "voc.json"
     base = ["eval", "--dataset", "voc", "--root", str(tmp_path / "voc"), "--gem-layers", "2", "--no-progress"]

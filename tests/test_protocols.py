@@ -270,9 +270,9 @@ def _softmax(x, axis=0):
 
 @pytest.fixture
 def cli_env(tmp_path, model, monkeypatch):
-    from gem_jax import pipeline, postprocess
+    from gem_jax import loading
 
-    monkeypatch.setattr(pipeline, "load", lambda name=None, **kw: model)
+    monkeypatch.setattr(loading, "load", lambda name=None, **kw: model)
     make_voc(tmp_path / "voc", specs=(("2007_000032", 30, 38),))
     return tmp_path
 
