@@ -508,6 +508,62 @@ class GEM:
             heat = None
         return HeatmapOutput(logits, heat, sets, sizes)
 
+    def pixel_logits(self, pixels, prompts: Sequence[str], *, grid: bool = True) -> np.ndarray:
+        """Cosine logits of model inputs that are already normalised.
+
+        For pipelines that prepare pixels their own way (the evaluation protocols resize
+        and normalise as each official code does, and pad in normalised space).
+
+        Args:
+          pixels: float32 (B, H, W, 3), or (H, W, 3) for one image; H and W multiples of
+            the patch size.
+          prompts: one list of prompts for every image.
+          grid: the patch-grid logits (B, P, H / patch, W / patch); ``False``, upsampled
+            bilinearly to (H, W) as :meth:`heatmaps` returns them.
+        Returns:
+          float32 array, (B, P, h, w).
+        """
+        x = np.asarray(pixels, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        patch = self.model.config.vision.patch_size
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+            raise ValueError(f"pixels must be (B, H, W, 3), got shape {np.shape(pixels)}")
+        if x.shape[1] % patch or x.shape[2] % patch or 0 in x.shape[1:3]:
+            raise ValueError(f"pixel sides must be positive multiples of the patch size {patch}, got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+        if not np.isfinite(x).all():
+            raise ValueError("pixels contain NaN or infinite values")
+        prompts = _prompt_sets(prompts, 1)[0]
+        distinct = list(dict.fromkeys(prompts))
+        table = dict(zip(distinct, self.embed_text(distinct)))
+        p_bucket = _bucket(len(prompts) if self.feature_surgery else min(len(prompts), PROMPT_CHUNK), 8)
+        dim, hw = self.model.config.embed_dim, x.shape[1:3]
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            part = x[start:start + self.batch_size]
+            b = -(-_bucket(len(part), 1) // self.mesh.size) * self.mesh.size  # whole shards per device
+            self.check_memory(hw, b, p_bucket)
+            batch = np.zeros((b, *hw, 3), np.float32)
+            batch[:len(part)] = part
+            chunks = []
+            for p0 in range(0, len(prompts), p_bucket):
+                chunk = prompts[p0:p0 + p_bucket]
+                text = np.zeros((b, p_bucket, dim), np.float32)
+                text[:, :len(chunk)] = [table[p] for p in chunk]
+                mask = np.zeros((b, p_bucket), bool)
+                mask[:, :len(chunk)] = True
+                if grid:
+                    lg = jax.device_get(self._grid(self._vparams, batch, text, mask))
+                else:
+                    lg = jax.device_get(self._maps(self._vparams, batch, text, mask))[0]
+                if not np.isfinite(lg).all():
+                    raise FloatingPointError("the model produced NaN or infinite similarities; check its "
+                                             "weights and the options (temperature, dtype)")
+                chunks.append(np.asarray(lg[:len(part), :len(chunk)]))
+            out.append(np.concatenate(chunks, axis=1))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
                 *, size=None, short_side=None, logit_scale: float = LOGIT_SCALE,
                 area_threshold: float | None = None, pamr_iterations: int = 0,

@@ -15,6 +15,7 @@ import traceback
 from gem_jax import argtypes
 from gem_jax.eval.datasets import READERS
 from gem_jax.class_names import NAME_SETS
+from gem_jax.eval.images import IMAGE_STEPS, require_opencv
 from gem_jax.eval.protocols import BORDERS, PROTOCOLS
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -58,6 +59,8 @@ def protocol_overrides(args) -> dict:
         out["pamr_dilations"] = args.pamr_dilations
     if getattr(args, "border", None) is not None:
         out["border"] = args.border
+    if getattr(args, "image_steps", None) is not None:
+        out["image_steps"] = args.image_steps
     return out
 
 
@@ -101,6 +104,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                       help="PAMR neighbour distances in pixels (default 8,16)")
     over.add_argument("--border", choices=BORDERS, default=None,
                       help="how a window that is not a patch multiple is fed to the model")
+    over.add_argument("--image-steps", choices=list(IMAGE_STEPS), default=None,
+                      help="how images are decoded, resized and normalised: gem (Pillow, bicubic, CLIP's mean "
+                           "and std), mmseg (OpenCV decoding and bilinear resize, SCLIP's mean and std), "
+                           "mmseg_imagenet (the same with ImageNet's, MaskCLIP's)")
     argtypes.add_method_arguments(p, default=None)
     p.add_argument("--gem-layers", type=argtypes.positive_int, default=None,
                    help="last blocks with the method's path (gem, clipsurgery: 6; the others change one)")
@@ -200,6 +207,11 @@ def _execute(args) -> int:
             protocol = dataclasses.replace(protocol, **overrides)
     except ValueError as e:
         raise _Usage(str(e)) from None
+    if IMAGE_STEPS[protocol.image_steps].needs_opencv:
+        try:
+            require_opencv()
+        except ImportError as e:
+            raise _Runtime(str(e)) from None
 
     if args.method is None:  # the method of the protocol's paper, GEM's for the gem protocol
         args.method = protocol.method or "gem"
