@@ -266,6 +266,8 @@ def test_window_borders(gem):
         sliding_logits(gem, img, prompts, border="mirror")
     with pytest.raises(ValueError, match="no whole"):
         sliding_logits(gem, img[:5], prompts, crop=None, stride=None, short_side=5, border="truncate")
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        gem.pixel_logits(np.zeros((1, 30, 32, 3), np.float32), prompts)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -341,6 +343,21 @@ def test_eval_command_naclip_equals_the_official_steps(cli_env, gem, model, caps
     plain = _softmax(40.0 * logits)
     plain_cls = np.stack([plain[classes == c].max(axis=0) for c in range(21)])
     assert (np.where(plain_cls.max(axis=0) < 0.1, 0, plain_cls.argmax(axis=0)) != want).any()
+
+
+def test_eval_command_needs_opencv_for_the_official_protocols(cli_env, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    base = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--no-progress"]
+    assert command.run(parse(base + ["--protocol", "sclip"])) == 1
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'gem-jax[eval]'" in err and "\n" not in err
+    # GEM's protocol reads with Pillow, and so does any protocol told to.
+    out = cli_env / "g.json"
+    assert command.run(parse(base + ["--protocol", "sclip", "--image-steps", "gem", "--method", "gem",
+                                     "--gem-layers", "2", "--template", "a photo of a {}.", "--out", str(out)])) == 0
+    assert json.loads(out.read_text())["protocol_settings"]["image_steps"] == "gem"
 
 
 def test_eval_command_refuses_a_dataset_without_settings(cli_env, capsys):
