@@ -271,15 +271,17 @@ class Official:
                 seg_logits = torch_pamr(img, seg_logits.to(img.dtype), self.pamr_steps, [8, 16])
         return seg_logits, query_idx
 
-    def labels(self, logits, prob_thd, area_thd=None):
+    def labels(self, logits_and_classes, prob_thd, area_thd=None):
+        """``postprocess_result`` on the output of :meth:`logits`."""
+        seg_logits, query_idx = logits_and_classes
         with torch.no_grad():
-            return postprocess_result(logits[0].clone(), logits[1], self.logit_scale, prob_thd, area_thd)
+            return postprocess_result(seg_logits.clone(), query_idx, self.logit_scale, prob_thd, area_thd)
 
 
 def maskclip_predict(model, path, scale=(2048, 512)):
     """MaskCLIP's test: mmseg 0.x pipeline, ``EncoderDecoder`` in whole mode with ``MaskClipHead``."""
-    words = [line for line in (importlib.resources.files("gem_jax") / "data" / "class_names" / "maskclip"
-                               / "voc20.txt").read_text().splitlines()]
+    words = (importlib.resources.files("gem_jax") / "data" / "class_names" / "maskclip" / "voc20.txt").read_text()
+    words = words.splitlines()
     query = query_features(model, words, template_set("imagenet85"))  # prompt_engineering.py
     img = load_image_from_file(path)
     ori_shape = img.shape[:2]
