@@ -332,7 +332,6 @@ class GEM:
         most = max(len(s) for s in sets)
         # Feature surgery weighs every prompt against all the others: one chunk holds them all.
         p_bucket = bucket(most if self.feature_surgery else min(most, PROMPT_CHUNK), 8)
-        dim = self.model.config.embed_dim
 
         logits: list = [None] * len(images)
         heat: list = [None] * len(images)
@@ -347,29 +346,8 @@ class GEM:
                 pixels = np.zeros((b, *hw, 3), np.float32)
                 for row, i in enumerate(idx):
                     pixels[row] = preprocess.normalize(preprocess.resize(images[i], hw))
-                tokens = self.tokens(pixels)  # once per image, whatever the prompt count
-                parts: dict[int, list] = {i: [] for i in idx}
-                for p0 in range(0, max(len(sets[i]) for i in idx), p_bucket):  # one step unless many prompts
-                    text = np.zeros((b, p_bucket, dim), np.float32)
-                    mask = np.zeros((b, p_bucket), bool)
-                    for row, i in enumerate(idx):
-                        chunk = sets[i][p0:p0 + p_bucket]
-                        if chunk:
-                            text[row, :len(chunk)] = [table[p] for p in chunk]
-                            mask[row, :len(chunk)] = True
-                    if grid:
-                        lg, hm = jax.device_get(self.grid_logits(tokens, text, mask)), None
-                    else:
-                        lg, hm = jax.device_get(self.maps(tokens, text, mask))
-                    if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
-                        raise FloatingPointError("the model produced NaN or infinite similarities; check its "
-                                                 "weights and the options (temperature, dtype)")
-                    for row, i in enumerate(idx):
-                        n = len(sets[i][p0:p0 + p_bucket])
-                        parts[i].append((lg[row, :n], None if hm is None else hm[row, :n]))
-                for i in idx:
-                    logits[i] = np.concatenate([lg for lg, _ in parts[i]])
-                    heat[i] = None if grid else np.concatenate([hm for _, hm in parts[i]])
+                for i, (lg, hm) in zip(idx, self._run_batch(pixels, [sets[i] for i in idx], table, p_bucket, grid)):
+                    logits[i], heat[i] = lg, hm
         shapes = sizes
         if output_size == "original":
             shapes = [im.shape[:2] for im in images]
@@ -381,6 +359,131 @@ class GEM:
         elif grid:
             heat = None
         return HeatmapOutput(logits, heat, sets, sizes)
+
+    def pixel_logits(self, pixels, prompts: Sequence[str], *, grid: bool = True) -> np.ndarray:
+        """Cosine logits of model inputs that are already normalised.
+
+        For pipelines that prepare pixels their own way (the evaluation protocols resize
+        and normalise as each official code does, and pad in normalised space).
+
+        Args:
+          pixels: float32 (B, H, W, 3), or (H, W, 3) for one image; H and W multiples of
+            the patch size.
+          prompts: one list of prompts for every image.
+          grid: the patch-grid logits (B, P, H / patch, W / patch); ``False``, upsampled
+            bilinearly to (H, W) as :meth:`heatmaps` returns them.
+        Returns:
+          float32 array, (B, P, h, w).
+        """
+        x = np.asarray(pixels, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        patch = self.model.config.vision.patch_size
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+            raise ValueError(f"pixels must be (B, H, W, 3), got shape {np.shape(pixels)}")
+        if x.shape[1] % patch or x.shape[2] % patch or 0 in x.shape[1:3]:
+            raise ValueError(f"pixel sides must be positive multiples of the patch size {patch}, got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+        if not np.isfinite(x).all():
+            raise ValueError("pixels contain NaN or infinite values")
+        prompts = _prompt_sets(prompts, 1)[0]
+        distinct = list(dict.fromkeys(prompts))
+        table = dict(zip(distinct, self.embed_text(distinct)))
+        p_bucket = _bucket(len(prompts) if self.feature_surgery else min(len(prompts), PROMPT_CHUNK), 8)
+        dim, hw = self.model.config.embed_dim, x.shape[1:3]
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            part = x[start:start + self.batch_size]
+            b = -(-_bucket(len(part), 1) // self.mesh.size) * self.mesh.size  # whole shards per device
+            self.check_memory(hw, b, p_bucket)
+            batch = np.zeros((b, *hw, 3), np.float32)
+            batch[:len(part)] = part
+            chunks = []
+            for p0 in range(0, len(prompts), p_bucket):
+                chunk = prompts[p0:p0 + p_bucket]
+                text = np.zeros((b, p_bucket, dim), np.float32)
+                text[:, :len(chunk)] = [table[p] for p in chunk]
+                mask = np.zeros((b, p_bucket), bool)
+                mask[:, :len(chunk)] = True
+                if grid:
+                    lg = jax.device_get(self._grid(self._vparams, batch, text, mask))
+                else:
+                    lg = jax.device_get(self._maps(self._vparams, batch, text, mask))[0]
+                if not np.isfinite(lg).all():
+                    raise FloatingPointError("the model produced NaN or infinite similarities; check its "
+                                             "weights and the options (temperature, dtype)")
+                chunks.append(np.asarray(lg[:len(part), :len(chunk)]))
+            out.append(np.concatenate(chunks, axis=1))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _run_batch(self, pixels, row_sets, table, p_bucket: int, grid: bool):
+        """One padded batch of pixels through the tower (once), then its rows' prompts in chunks
+        of ``p_bucket``; returns (logits, heatmaps or None) per row of ``row_sets``."""
+        b, dim = pixels.shape[0], self.model.config.embed_dim
+        tokens = self.tokens(pixels)  # once per image, whatever the prompt count
+        parts: list[list] = [[] for _ in row_sets]
+        for p0 in range(0, max(len(s) for s in row_sets), p_bucket):  # one step unless many prompts
+            text = np.zeros((b, p_bucket, dim), np.float32)
+            mask = np.zeros((b, p_bucket), bool)
+            for row, prompts in enumerate(row_sets):
+                chunk = prompts[p0:p0 + p_bucket]
+                if chunk:
+                    text[row, :len(chunk)] = [table[p] for p in chunk]
+                    mask[row, :len(chunk)] = True
+            if grid:
+                lg, hm = jax.device_get(self.grid_logits(tokens, text, mask)), None
+            else:
+                lg, hm = jax.device_get(self.maps(tokens, text, mask))
+            if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
+                raise FloatingPointError("the model produced NaN or infinite similarities; check its "
+                                         "weights and the options (temperature, dtype)")
+            for row, prompts in enumerate(row_sets):
+                n = len(prompts[p0:p0 + p_bucket])
+                parts[row].append((lg[row, :n], None if hm is None else hm[row, :n]))
+        return [(np.concatenate([lg for lg, _ in rows]), None if grid else np.concatenate([hm for _, hm in rows]))
+                for rows in parts]
+
+    def pixel_logits(self, pixels, prompts: Sequence[str], *, grid: bool = True) -> np.ndarray:
+        """Cosine logits of model inputs that are already normalised.
+
+        For pipelines that prepare pixels their own way (the evaluation protocols resize
+        and normalise as each official code does, and pad in normalised space).
+
+        Args:
+          pixels: float32 (B, H, W, 3), or (H, W, 3) for one image; H and W multiples of
+            the patch size.
+          prompts: one list of prompts for every image.
+          grid: the patch-grid logits (B, P, H / patch, W / patch); ``False``, upsampled
+            bilinearly to (H, W) as :meth:`heatmaps` returns them.
+        Returns:
+          float32 array, (B, P, h, w).
+        """
+        x = np.asarray(pixels, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        patch = self.model.config.vision.patch_size
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+            raise ValueError(f"pixels must be (B, H, W, 3), got shape {np.shape(pixels)}")
+        if x.shape[1] % patch or x.shape[2] % patch or 0 in x.shape[1:3]:
+            raise ValueError(f"pixel sides must be positive multiples of the patch size {patch}, got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+        if not np.isfinite(x).all():
+            raise ValueError("pixels contain NaN or infinite values")
+        prompts = checks.prompt_sets(prompts, 1)[0]
+        distinct = list(dict.fromkeys(prompts))
+        table = dict(zip(distinct, self.embed_text(distinct)))
+        p_bucket = bucket(len(prompts) if self.feature_surgery else min(len(prompts), PROMPT_CHUNK), 8)
+        hw = x.shape[1:3]
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            part = x[start:start + self.batch_size]
+            b = self.padded_batch(len(part))
+            self.check_memory(hw, b, p_bucket, upsampled=not grid)
+            batch = np.zeros((b, *hw, 3), np.float32)
+            batch[:len(part)] = part
+            rows = self._run_batch(batch, [prompts] * len(part), table, p_bucket, grid)
+            out.extend(lg for lg, _ in rows)
+        return np.stack(out).astype(np.float32, copy=False)
 
     def segment(self, image, class_names: Sequence[str], background_threshold: float | None = 0.85,
                 *, size=None, short_side=None, logit_scale: float = postprocess.LOGIT_SCALE,

@@ -19,7 +19,8 @@ from gem_jax.eval import datasets as D
 from gem_jax.eval.protocols import PROTOCOLS, get_protocol
 from gem_jax.pipeline import GEM
 from gem_jax.text import TEMPLATE_SETS, imagenet_templates, template_set
-from gem_jax.eval.sliding import PAD_RGB, rescaled_size, sliding_logits
+from gem_jax.eval.images import MMSEG_STEPS, read_opencv, resize_opencv_linear
+from gem_jax.eval.sliding import rescaled_size, sliding_logits
 from test_eval_datasets import make_voc
 from test_eval_runner import gem, model, np_bilinear, parse  # noqa: F401  (gem, model: fixtures)
 
@@ -224,25 +225,34 @@ def test_window_borders(gem):
     img = np.random.default_rng(3).integers(0, 256, (40, 45, 3), dtype=np.uint8)
     prompts = ["cat", "dog"]
     heat = lambda x, size: np.asarray(gem.heatmaps(x, prompts, size=size).logits[0], np.float64)
+    grid = lambda pixels: np.asarray(gem.pixel_logits(pixels, prompts)[0], np.float64)
+    pixels = preprocess.normalize(img)
     # One window over the whole image (crop=None), sides 40 x 45 with 8-pixel patches.
     whole = lambda border: sliding_logits(gem, img, prompts, crop=None, stride=None, short_side=40,
                                           border=border)
     # SCLIP / NACLIP: the patch conv sees 40 x 40 (a 5 x 5 grid), whose logits are stretched
     # over 40 x 45 in one bilinear step.
-    seen = heat(img[:, :40], (40, 40))
-    np.testing.assert_allclose(whole("truncate"), np_bilinear(patch_grid(seen), (40, 45)), atol=1e-5)
-    assert np.abs(whole("truncate") - np_bilinear(seen, (40, 45))).max() > 1e-4  # not two bilinear steps
-    # ClearCLIP: padded to 40 x 48, 1 column left and 2 right, logits cut back.
-    padded = np.empty((40, 48, 3), np.uint8)
-    padded[:] = PAD_RGB
-    padded[:, 1:46] = img
-    np.testing.assert_allclose(whole("pad_center"), heat(padded, (40, 48))[:, :, 1:46], atol=1e-5)
-    # MaskCLIP: padded at the right, the 5 x 6 grid's logits stretched over 40 x 45.
-    padded[:] = PAD_RGB
-    padded[:, :45] = img
-    np.testing.assert_allclose(whole("pad_corner"), np_bilinear(patch_grid(heat(padded, (40, 48))), (40, 45)),
-                               atol=1e-5)
-    assert PAD_RGB == (123, 117, 104)  # CLIP's mean colour: zero after normalisation (to rounding)
+    seen = grid(pixels[:, :40])
+    assert seen.shape == (2, 5, 5)
+    np.testing.assert_allclose(whole("truncate"), np_bilinear(seen, (40, 45)), atol=1e-5)
+    np.testing.assert_allclose(patch_grid(heat(img[:, :40], (40, 40))), seen, atol=1e-5)
+    assert np.abs(whole("truncate") - np_bilinear(np_bilinear(seen, (40, 40)), (40, 45))).max() > 1e-4
+    # ClearCLIP: the normalised crop padded with zeros to 40 x 48, 1 column left and 2 right,
+    # logits at the padded size cut back.
+    padded = np.zeros((40, 48, 3), np.float32)
+    padded[:, 1:46] = pixels
+    np.testing.assert_allclose(whole("pad_center"), np_bilinear(grid(padded), (40, 48))[:, :, 1:46], atol=1e-5)
+    # MaskCLIP: padded with zeros at the right, the 5 x 6 grid's logits stretched over 40 x 45.
+    padded[:] = 0
+    padded[:, :45] = pixels
+    np.testing.assert_allclose(whole("pad_corner"), np_bilinear(grid(padded), (40, 45)), atol=1e-5)
+    # Zero after normalisation is not CLIP's mean colour in uint8 (123, 117, 104), which is
+    # 0.003 .. 0.007 off: the padding is the official code's exact zero.
+    mean_colour = np.empty((40, 48, 3), np.uint8)
+    mean_colour[:] = (123, 117, 104)
+    mean_colour[:, :45] = img
+    assert np.abs(preprocess.normalize(mean_colour)[:, 45:]).min() > 1e-3
+    assert np.abs(whole("pad_corner") - np_bilinear(grid(preprocess.normalize(mean_colour)), (40, 45))).max() > 0
     assert sliding.BORDERS == protocols.BORDERS
     # The borders differ from one another and from gem-jax's resize.
     outs = [whole(b) for b in ("resize", "truncate", "pad_center", "pad_corner")]
@@ -259,6 +269,8 @@ def test_window_borders(gem):
         sliding_logits(gem, img, prompts, border="mirror")
     with pytest.raises(ValueError, match="no whole"):
         sliding_logits(gem, img[:5], prompts, crop=None, stride=None, short_side=5, border="truncate")
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        gem.pixel_logits(np.zeros((1, 30, 32, 3), np.float32), prompts)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -311,14 +323,14 @@ def test_eval_command_naclip_equals_the_official_steps(cli_env, gem, model, caps
 
     ds = D.voc(cli_env / "voc")
     sample = ds.samples[0]
-    image = preprocess.load_image(sample.image)  # 30 x 38
+    image = read_opencv(sample.image)  # 30 x 38, decoded as mmcv's LoadImageFromFile
     names, classes = C.class_names("sclip", "voc").queries()
     ref = GEM(model, layers=2, template="imagenet")
     hw = rescaled_size(30, 38, 336, 2048)  # (336, 426): 42 x 53 patches seen, stretched over it
-    resized = preprocess.resize(image, hw)
-    logits = np_bilinear(patch_grid(ref.heatmaps(resized[:336, :424], list(names), size=(336, 424)).logits[0]), hw)
+    pixels = MMSEG_STEPS.normalize(resize_opencv_linear(image, hw))  # mmcv imrescale, SegDataPreProcessor
+    logits = np_bilinear(ref.pixel_logits(pixels[:336, :424], list(names))[0], hw)
     logits = np_bilinear(logits, (30, 38))
-    guide = np_bilinear(preprocess.normalize(resized).transpose(2, 0, 1), (30, 38))
+    guide = np_bilinear(pixels.transpose(2, 0, 1), (30, 38))  # the normalised input, as NACLIP
     refined = torch_pamr(torch.from_numpy(guide[None]).float(), torch.from_numpy(logits[None]).float(), 10,
                          [8, 16])[0].numpy()
     probs = _softmax(40.0 * refined.astype(np.float64))
@@ -334,6 +346,21 @@ def test_eval_command_naclip_equals_the_official_steps(cli_env, gem, model, caps
     plain = _softmax(40.0 * logits)
     plain_cls = np.stack([plain[classes == c].max(axis=0) for c in range(21)])
     assert (np.where(plain_cls.max(axis=0) < 0.1, 0, plain_cls.argmax(axis=0)) != want).any()
+
+
+def test_eval_command_needs_opencv_for_the_official_protocols(cli_env, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    base = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--no-progress"]
+    assert command.run(parse(base + ["--protocol", "sclip"])) == 1
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'gem-jax[eval]'" in err and "\n" not in err
+    # GEM's protocol reads with Pillow, and so does any protocol told to.
+    out = cli_env / "g.json"
+    assert command.run(parse(base + ["--protocol", "sclip", "--image-steps", "gem", "--method", "gem",
+                                     "--gem-layers", "2", "--template", "a photo of a {}.", "--out", str(out)])) == 0
+    assert json.loads(out.read_text())["protocol_settings"]["image_steps"] == "gem"
 
 
 def test_eval_command_refuses_a_dataset_without_settings(cli_env, capsys):

@@ -16,6 +16,7 @@ from gem_jax.cli.common import (EXIT_OK, EXIT_PARTIAL, RuntimeFailure, UsageErro
 from gem_jax.engine.cost import MemoryLimitError
 from gem_jax.eval.class_names import NAME_SETS
 from gem_jax.eval.datasets import READERS
+from gem_jax.eval.images import IMAGE_STEPS, require_opencv
 from gem_jax.eval.protocols import BORDERS, PROTOCOLS
 
 _UNSET = object()
@@ -58,6 +59,8 @@ def protocol_overrides(args) -> dict:
         out["pamr_dilations"] = args.pamr_dilations
     if getattr(args, "border", None) is not None:
         out["border"] = args.border
+    if getattr(args, "image_steps", None) is not None:
+        out["image_steps"] = args.image_steps
     return out
 
 
@@ -90,6 +93,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                       help="PAMR neighbour distances in pixels (default 8,16)")
     over.add_argument("--border", choices=BORDERS, default=None,
                       help="how a window that is not a patch multiple is fed to the model")
+    over.add_argument("--image-steps", choices=list(IMAGE_STEPS), default=None,
+                      help="how images are decoded, resized and normalised: gem (Pillow, bicubic, CLIP's mean "
+                           "and std), mmseg (OpenCV decoding and bilinear resize, SCLIP's mean and std), "
+                           "mmseg_imagenet (the same with ImageNet's, MaskCLIP's)")
     add_model_flags(p, sizing=False, method_default=None)
     p.add_argument("--limit", type=argtypes.positive_int, default=None, help="evaluate the first N images only")
     p.add_argument("--save-predictions", metavar="DIR", default=None, help="write predicted label maps as PNGs")
@@ -151,6 +158,11 @@ def run(args) -> int:
             protocol = dataclasses.replace(protocol, **overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if IMAGE_STEPS[protocol.image_steps].needs_opencv:
+        try:
+            require_opencv()
+        except ImportError as e:
+            raise RuntimeFailure(str(e)) from None
     if args.method is None:  # the method of the protocol's paper, GEM's for the gem protocol
         args.method = protocol.method or "gem"
     elif protocol.method is not None and protocol.method != args.method:

@@ -10,6 +10,7 @@ from gem_jax.config import CLIPConfig
 from gem_jax.engine.attention import attention_flops, attention_maps
 from gem_jax.engine.methods import Method, as_method
 from gem_jax.engine.tower import Schedule
+from gem_jax.text import bucket
 
 
 def count_flops(config: CLIPConfig, size: tuple[int, int], method: Any, prompts: int) -> dict:
@@ -47,10 +48,6 @@ def count_flops(config: CLIPConfig, size: tuple[int, int], method: Any, prompts:
     return parts
 
 
-def _bucket(n: int, smallest: int) -> int:
-    return max(smallest, 1 << max(n - 1, 0).bit_length())
-
-
 def estimate_memory(config: CLIPConfig, hw: tuple[int, int], images: int = 1, prompts: int = 1, *,
                     method: Any = "gem", schedule: Schedule | str = "auto", prompt_chunk: int | None = None,
                     upsampled: bool = True, display: tuple[int, int] | None = None,
@@ -84,7 +81,7 @@ def estimate_memory(config: CLIPConfig, hw: tuple[int, int], images: int = 1, pr
     maps_alive = 3 + (attention_maps(method.attention) if method.blocks else 0)
     attention = pairs * n * n * 4 * maps_alive
     activations = tower_images * n * v.width * 4 * 16  # residual, q/k/v, MLP hidden (4x) and their copies
-    live = _bucket(min(prompts, prompt_chunk or prompts), 8)
+    live = bucket(min(prompts, prompt_chunk or prompts), 8)
     grid = (h // v.patch_size) * (w // v.patch_size)
     per_map = h * w * 4 * 6 if upsampled else grid * 4 * 2  # logits, heatmaps, upsampling
     outputs = images * live * per_map

@@ -7,6 +7,7 @@ import dataclasses
 import types
 from typing import Any, Mapping
 
+from gem_jax.eval.images import IMAGE_STEPS
 from gem_jax.eval.sliding import BORDERS
 from gem_jax.postprocess import LOGIT_SCALE
 from gem_jax.text import DEFAULT_TEMPLATE
@@ -39,7 +40,7 @@ class Protocol:
         seen, their logits stretched over the window), ``"pad_center"`` (ClearCLIP: padded
         on all sides to the next multiple, logits cut back), ``"pad_corner"`` (MaskCLIP's
         mmseg ViT: padded at the bottom and right, logits of the padded input stretched
-        over the window). Padding is the mean colour (zero after normalisation).
+        over the window). Padding is zero after normalisation, as in the official code.
       logit_scale: multiplies the cosine logits before the softmax over prompts.
       background_threshold: for datasets with a background class, pixels whose top
         class probability is below this are background.
@@ -60,6 +61,12 @@ class Protocol:
         ``gem_jax.gem.METHODS``), recorded as data; the evaluated method is the GEM's.
       datasets: the datasets the source publishes settings for (``None``: any); others are
         refused.
+      image_steps: how images are decoded, resized and normalised
+        (:data:`gem_jax.eval.images.IMAGE_STEPS`): ``"gem"`` (Pillow, bicubic, CLIP's
+        normalisation), ``"mmseg"`` (SCLIP, NACLIP, ClearCLIP: OpenCV decoding and bilinear
+        resizing on uint8, their data preprocessor's mean and std), ``"mmseg_imagenet"``
+        (MaskCLIP: the same with ImageNet's mean and std). Steps other than ``"gem"`` always
+        go through :func:`gem_jax.sliding.window_logits`.
       point_threshold: heatmap level at which a point counts as "on" (p-mIoU).
       overrides: per dataset name, field values that replace the above.
     """
@@ -78,6 +85,7 @@ class Protocol:
     background_prompts: bool = False
     point_threshold: float = 0.5
     border: str = "resize"
+    image_steps: str = "gem"
     class_names: str | None = None
     pamr_iterations: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
@@ -98,6 +106,8 @@ class Protocol:
                 raise ValueError(f"{f} must be in [0, 1], got {v!r}")
         if self.border not in BORDERS:
             raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
+        if self.image_steps not in IMAGE_STEPS:
+            raise ValueError(f"image_steps must be one of {tuple(IMAGE_STEPS)}, got {self.image_steps!r}")
         if not isinstance(self.pamr_iterations, int) or self.pamr_iterations < 0:
             raise ValueError(f"pamr_iterations must be a non-negative int, got {self.pamr_iterations!r}")
         object.__setattr__(self, "pamr_dilations", tuple(self.pamr_dilations))
@@ -114,9 +124,9 @@ class Protocol:
 
     @property
     def sliding(self) -> bool:
-        """Whether the image goes through :func:`gem_jax.sliding.sliding_logits` (windows,
-        or one whole-image window with a ``border`` rule)."""
-        return self.crop is not None or self.border != "resize"
+        """Whether the image goes through :func:`gem_jax.sliding.window_logits` (windows, one
+        whole-image window with a ``border`` rule, or image steps other than gem-jax's)."""
+        return self.crop is not None or self.border != "resize" or self.image_steps != "gem"
 
     def for_dataset(self, dataset_name: str) -> "Protocol":
         """This protocol with the overrides of ``dataset_name`` applied.
@@ -174,6 +184,9 @@ SCLIP_PROTOCOL = Protocol(
     border="truncate",
     class_names="sclip",
     method="sclip",
+    # configs/cfg_*.py test_pipeline: LoadImageFromFile, Resize(keep_ratio=True) (mmcv imrescale,
+    # cv2 INTER_LINEAR); clip_segmentor.py SegDataPreProcessor(mean=[122.771, ...], std=[68.501, ...]).
+    image_steps="mmseg",
     datasets=EIGHT_BENCHMARKS,
     overrides={
         "voc": {"logit_scale": 65.0, "area_threshold": 0.1},
@@ -207,6 +220,8 @@ NACLIP_PROTOCOL = Protocol(
     pamr_iterations=10,
     pamr_dilations=(8, 16),
     method="naclip",
+    # configs/cfg_*.py test_pipeline as SCLIP's; naclip.py SegDataPreProcessor(mean=[122.771, ...], ...).
+    image_steps="mmseg",
     datasets=EIGHT_BENCHMARKS,
     overrides={
         "voc": {"crop": None, "stride": None},
@@ -236,6 +251,8 @@ CLEARCLIP_PROTOCOL = Protocol(
     border="pad_center",
     class_names="clearclip",
     method="clearclip",
+    # configs/cfg_*.py test_pipeline as SCLIP's; clearclip_segmentor.py SegDataPreProcessor(mean=[122.771, ...]).
+    image_steps="mmseg",
     datasets=EIGHT_BENCHMARKS,
     overrides={
         "voc": {"background_threshold": 0.5},
@@ -262,6 +279,9 @@ MASKCLIP_PROTOCOL = Protocol(
     border="pad_corner",
     class_names="maskclip",
     method="maskclip",
+    # configs/_base_/datasets/*.py test_pipeline: LoadImageFromFile, Resize(keep_ratio=True),
+    # Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True).
+    image_steps="mmseg_imagenet",
     datasets=("voc20", "context", "coco_stuff", "cityscapes", "ade20k"),
     overrides={
         "context": {"short_side": 520, "max_long_side": 520},

@@ -21,10 +21,10 @@ from gem_jax import files, postprocess, preprocess
 from gem_jax.engine.tower import min_max
 from gem_jax.eval import class_names, metrics
 from gem_jax.eval.datasets import IGNORE_INDEX, Dataset, DatasetError, voc_palette
+from gem_jax.eval.images import get_image_steps, require_opencv
 from gem_jax.eval.protocols import Protocol, get_protocol
-from gem_jax.eval.sliding import sliding_logits
+from gem_jax.eval.sliding import bilinear_matrix, rescaled_size, window_logits
 from gem_jax.loading import Model
-from gem_jax.models.layers import resize_matrix
 from gem_jax.pipeline import GEM
 from gem_jax.text import resolve_templates
 
@@ -89,9 +89,10 @@ def _bucket(n: int) -> int:
 
 
 def _padded_resize(in_size: int, out_size: int) -> np.ndarray:
-    """The bilinear (out, in) resize matrix, zero-padded to (bucket(out), bucket(in))."""
+    """The bilinear (out, in) resize matrix (torch's, :func:`gem_jax.sliding.bilinear_matrix`),
+    zero-padded to (bucket(out), bucket(in))."""
     m = np.zeros((_bucket(out_size), _bucket(in_size)), np.float32)
-    m[:out_size, :in_size] = resize_matrix(in_size, out_size, "bilinear")
+    m[:out_size, :in_size] = bilinear_matrix(in_size, out_size)
     return m
 
 
@@ -106,10 +107,12 @@ def _semantic_step(conf, logits, rows, cols, hw, label, query_class, guide=None,
     true annotation size inside the (Hb, Wb) bucket; ``label`` is padded with the ignore value.
     ``guide`` (3, hb, wb), the normalised input image at the logits' size, guides PAMR.
     """
+    # SCLIP, ClearCLIP forward_slide, NACLIP predict, MaskCLIP whole_inference: the logits at the
+    # resized image's size, interpolate(..., size=ori_shape, mode='bilinear') (align_corners=False).
     x = jnp.einsum("Hh,phw,Ww->pHW", rows, logits, cols, precision=jax.lax.Precision.HIGHEST)
     if pamr_iterations:
-        # As NACLIP: PAMR on the logits at the annotation size, guided by the input image
-        # bilinearly resized to that size.
+        # NACLIP predict: img = interpolate(inputs, size=ori_shape, mode='bilinear') with inputs the
+        # normalised model input (not the uint8 picture), then self.pamr(img, seg_logits).
         image = jnp.einsum("Hh,khw,Ww->kHW", rows, guide, cols, precision=jax.lax.Precision.HIGHEST)
         x = postprocess.pamr(image, x, iterations=pamr_iterations, dilations=pamr_dilations, valid_hw=hw)
     # The one label rule: softmax over prompts, synonyms max-pooled into their class (classes
@@ -128,23 +131,26 @@ def _semantic_step(conf, logits, rows, cols, hw, label, query_class, guide=None,
 def labels_at(logits: np.ndarray, out_hw: tuple[int, int], query_class: np.ndarray, num_classes: int,
               background: int | None, protocol: Protocol, image: np.ndarray | None = None) -> np.ndarray:
     """The (H, W) int32 prediction the runner scores for (P, h, w) logits at size ``out_hw``
-    (``image``: the uint8 (h, w, 3) input the logits are of, needed for PAMR)."""
+    (``image``: the uint8 (h, w, 3) input the logits are of, needed for PAMR; normalised
+    with the protocol's image steps)."""
     conf = metrics.new_confusion(num_classes)
     label = np.full((_bucket(out_hw[0]), _bucket(out_hw[1])), IGNORE_INDEX, np.int32)
-    _, pred = _run_step(conf, logits, out_hw, label, query_class, num_classes, background, protocol, image)
+    pixels = None if image is None else get_image_steps(protocol.image_steps).normalize(image)
+    _, pred = _run_step(conf, logits, out_hw, label, query_class, num_classes, background, protocol, pixels)
     return np.asarray(pred)[:out_hw[0], :out_hw[1]]
 
 
-def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, background, protocol, image=None):
+def _run_step(conf, logits, out_hw, label_padded, query_class, num_classes, background, protocol, pixels=None):
+    """``pixels``: the normalised (h, w, 3) model input the logits are of (PAMR's guide)."""
     p, h, w = logits.shape
     padded = np.zeros((p, _bucket(h), _bucket(w)), np.float32)
     padded[:, :h, :w] = logits
     guide = None
     if protocol.pamr_iterations:
-        if image is None or image.shape[:2] != (h, w):
+        if pixels is None or pixels.shape[:2] != (h, w):
             raise ValueError(f"PAMR needs the input image at the logits' size {h}x{w}")
         guide = np.zeros((3, _bucket(h), _bucket(w)), np.float32)
-        guide[:, :h, :w] = preprocess.normalize(image).transpose(2, 0, 1)
+        guide[:, :h, :w] = np.asarray(pixels, np.float32).transpose(2, 0, 1)
     return _semantic_step(conf, padded, _padded_resize(h, out_hw[0]), _padded_resize(w, out_hw[1]),
                           np.asarray(out_hw, np.int32), label_padded, query_class, guide, num_classes=num_classes,
                           background=background, logit_scale=float(protocol.logit_scale),
@@ -303,6 +309,8 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     protocol = get_protocol(protocol).for_dataset(dataset.name)
+    if get_image_steps(protocol.image_steps).needs_opencv:
+        require_opencv()  # before any work
     if isinstance(gem_or_model, GEM):
         gem = gem_or_model
         wanted = resolve_templates(protocol.template)
@@ -407,6 +415,7 @@ class _Run:
         self.gem, self.dataset, self.protocol, self.queries = gem, dataset, protocol, queries
         self.state, self.on_error, self.pred_dir = state, on_error, pred_dir
         self.query_class = None if queries is None else jnp.asarray(queries.classes)
+        self.steps = get_image_steps(protocol.image_steps)
 
     def fail(self, sample, error: Exception) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -418,8 +427,8 @@ class _Run:
         self.state.done.append(sample.id)
 
     def load(self, sample):
-        image = preprocess.load_image(sample.image)
-        image = np.asarray(image)
+        # The protocol's decoder: Pillow, or OpenCV as mmcv's LoadImageFromFile (EXIF applied by both).
+        image = np.asarray(self.steps.read(sample.image))
         label = None
         if self.dataset.kind == "semantic":
             label = self.dataset.load_label(sample, image.shape[:2])
@@ -447,11 +456,9 @@ class _Run:
                 except preprocess.ImageError as e:
                     self.fail(item[0], e)
             loaded = keep
-        for (sample, image, label), maps in zip(loaded, outputs):
+        for (sample, image, label), (maps, pixels) in zip(loaded, outputs):
             if self.dataset.kind == "semantic":
-                # PAMR's guide: the input as the model saw it, at the logits' size.
-                guide = preprocess.resize(image, maps.shape[-2:]) if self.protocol.pamr_iterations else None
-                self.score_labels(sample, label, maps, guide)
+                self.score_labels(sample, label, maps, pixels)
             else:
                 self.score_points(sample, maps)
 
@@ -460,25 +467,35 @@ class _Run:
             return list(self.queries.names)
         return [self.dataset.prompts[c][0] for c in sample.points.present()]
 
-    def forward(self, images, samples) -> list[np.ndarray]:
-        """Logits (semantic) or min-max heatmaps (points), (P, h, w) per image."""
-        p = self.protocol
+    def forward(self, images, samples) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per image: logits (semantic) or min-max heatmaps (points), (P, h, w), and (with
+        PAMR) the normalised model input at (h, w), PAMR's guide."""
+        p, steps = self.protocol, self.steps
         sets = [self.prompts_of(s) for s in samples]
+        pamr = p.pamr_iterations > 0 and self.queries is not None
         if p.sliding:
-            out = [sliding_logits(self.gem, img, prompts, crop=p.crop, stride=p.stride, short_side=p.short_side,
-                                  max_long_side=p.max_long_side, border=p.border)
-                   for img, prompts in zip(images, sets)]
-            return out if self.queries is not None else [min_max(m) for m in out]
+            out = []
+            for img, prompts in zip(images, sets):
+                # mmseg Resize(scale=(max_long_side, short_side), keep_ratio=True) -> mmcv imrescale.
+                resized = steps.resize_to(img, rescaled_size(*img.shape[:2], p.short_side, p.max_long_side))
+                maps = window_logits(self.gem, resized, prompts, crop=p.crop, stride=p.stride, border=p.border,
+                                     steps=steps)
+                out.append((maps if self.queries is not None else min_max(maps),
+                            steps.normalize(resized) if pamr else None))
+            return out
         res = self.gem.heatmaps(images, sets, short_side=p.short_side)
         maps = res.logits if self.queries is not None else res.heatmaps
-        return [np.asarray(maps[i]) for i in range(len(images))]
+        # GEM.heatmaps resizes with Pillow bicubic to the model size and normalises as the gem steps.
+        return [(np.asarray(maps[i]),
+                 steps.normalize(steps.resize_to(images[i], maps[i].shape[-2:])) if pamr else None)
+                for i in range(len(images))]
 
-    def score_labels(self, sample, label: np.ndarray, logits: np.ndarray, image: np.ndarray | None = None) -> None:
+    def score_labels(self, sample, label: np.ndarray, logits: np.ndarray, pixels: np.ndarray | None = None) -> None:
         hw = label.shape
         padded = np.full((_bucket(hw[0]), _bucket(hw[1])), IGNORE_INDEX, np.int32)
         padded[:hw[0], :hw[1]] = label
         conf, pred = _run_step(self.state.counts, logits, hw, padded, self.query_class, self.dataset.num_classes,
-                               self.dataset.background, self.protocol, image)
+                               self.dataset.background, self.protocol, pixels)
         if self.pred_dir is not None:
             save_label_png(prediction_path(self.pred_dir, sample.id), np.asarray(pred)[:hw[0], :hw[1]])
         self.state.counts = conf
