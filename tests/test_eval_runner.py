@@ -21,6 +21,7 @@ from gem_jax.pipeline import GEM
 from gem_jax.postprocess import labels_from_logits
 from gem_jax.eval.sliding import sliding_logits, window_boxes
 from gem_jax.tokenizer import Tokenizer
+from gem_jax.cli import main as cli_main
 from tiny import TINY
 from test_eval_datasets import VOC_SPECS, make_context, make_openimages, make_voc
 
@@ -324,31 +325,31 @@ def test_command_end_to_end_and_exit_codes(tmp_path, model, monkeypatch, capsys)
     monkeypatch.setitem(PROTOCOLS, "gem", SMALL_GEM)
     out = tmp_path / "res" / "voc.json"
     base = ["eval", "--dataset", "voc", "--root", str(tmp_path / "voc"), "--gem-layers", "2", "--no-progress"]
-    assert command.run(parse(base + ["--limit", "1", "--out", str(out), "--batch-size", "1"])) == 0
+    assert cli_main(base + ["--limit", "1", "--out", str(out), "--batch-size", "1"]) == 0
     result = json.loads(out.read_text())
     assert result["num_images"] == 1 and result["evaluated"] == 1 and result["model"] == "tiny"
-    assert result["gem_options"]["layers"] == 2
+    assert result["gem"]["method"]["layers"] == 2
     assert (tmp_path / "res" / "voc.json.state.npz").exists()
     assert "voc mIoU" in capsys.readouterr().err
 
     # Runtime errors: exit 1 with one line.
-    assert command.run(parse(["eval", "--dataset", "ade20k", "--root", str(tmp_path / "nowhere")])) == 1
+    assert cli_main(["eval", "--dataset", "ade20k", "--root", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("gem-jax eval: error:") and "nowhere" in err and "\n" not in err
     first = D.voc(tmp_path / "voc").samples[0]
     first.image.write_bytes(b"garbage")
-    assert command.run(parse(base + ["--on-error", "fail", "--restart", "--out", str(out), "--force"])) == 1
+    assert cli_main(base + ["--on-error", "fail", "--restart", "--out", str(out), "--force"]) == 1
     err = capsys.readouterr().err.strip()
     assert first.id in err and "\n" not in err
-    assert command.run(parse(base + ["--on-error", "skip", "--limit", "1", "--restart", "--out", str(out),
-                                     "--force"])) == 0
+    assert cli_main(base + ["--on-error", "skip", "--limit", "1", "--restart", "--out", str(out),
+                                     "--force"]) == 3  # done, with images skipped: exit status 3
     assert json.loads(out.read_text())["skipped"][0]["id"] == first.id
 
     # Usage errors: exit 2.
     make_openimages(tmp_path / "oi")
-    assert command.run(parse(["eval", "--dataset", "openimages", "--root", str(tmp_path / "oi"),
-                              "--save-predictions", str(tmp_path / "p")])) == 2
-    assert command.run(parse(base + ["--gem-layers", "9"])) == 2
+    assert cli_main(["eval", "--dataset", "openimages", "--root", str(tmp_path / "oi"),
+                              "--save-predictions", str(tmp_path / "p")]) == 2
+    assert cli_main(base + ["--gem-layers", "9"]) == 2
     for bad in (["--limit", "0"], ["--protocol", "mine"], ["--projections", "qx"], ["--dataset", "pascal"]):
         with pytest.raises(SystemExit) as e:
             parse(base + bad)

@@ -21,6 +21,7 @@ from gem_jax.pipeline import GEM
 from gem_jax.text import TEMPLATE_SETS, imagenet_templates, template_set
 from gem_jax.eval.images import MMSEG_STEPS, read_opencv, resize_opencv_linear
 from gem_jax.eval.sliding import rescaled_size, sliding_logits
+from gem_jax.cli import main as cli_main
 from test_eval_datasets import make_voc
 from test_eval_runner import gem, model, np_bilinear, parse  # noqa: F401  (gem, model: fixtures)
 
@@ -294,7 +295,7 @@ def test_eval_command_runs_each_protocol(cli_env, protocol, dataset, capsys):
     out = cli_env / f"{protocol}.json"
     argv = ["eval", "--dataset", dataset, "--root", str(cli_env / "voc"), "--protocol", protocol,
             "--method", "gem", "--gem-layers", "2", "--no-progress", "--out", str(out)]
-    assert command.run(parse(argv)) == 0, capsys.readouterr().err
+    assert cli_main(argv) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["protocol"] == protocol and result["evaluated"] == 1 and result["num_templates"] == (
         85 if protocol == "maskclip" else 80)
@@ -317,7 +318,7 @@ def test_eval_command_naclip_equals_the_official_steps(cli_env, gem, model, caps
     argv = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--protocol", "naclip", "--method", "gem",
             "--gem-layers", "2", "--no-progress", "--out", str(cli_env / "n.json"), "--save-predictions",
             str(pred_dir)]
-    assert command.run(parse(argv)) == 0, capsys.readouterr().err
+    assert cli_main(argv) == 0, capsys.readouterr().err
     result = json.loads((cli_env / "n.json").read_text())
     assert result["protocol_settings"]["pamr_iterations"] == 10
 
@@ -353,19 +354,19 @@ def test_eval_command_needs_opencv_for_the_official_protocols(cli_env, capsys, m
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
     base = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--no-progress"]
-    assert command.run(parse(base + ["--protocol", "sclip"])) == 1
+    assert cli_main(base + ["--protocol", "sclip"]) == 1
     err = capsys.readouterr().err.strip()
     assert "pip install 'gem-jax[eval]'" in err and "\n" not in err
     # GEM's protocol reads with Pillow, and so does any protocol told to.
     out = cli_env / "g.json"
-    assert command.run(parse(base + ["--protocol", "sclip", "--image-steps", "gem", "--method", "gem",
-                                     "--gem-layers", "2", "--template", "a photo of a {}.", "--out", str(out)])) == 0
+    assert cli_main(base + ["--protocol", "sclip", "--image-steps", "gem", "--method", "gem",
+                                     "--gem-layers", "2", "--template", "a photo of a {}.", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["protocol_settings"]["image_steps"] == "gem"
 
 
 def test_eval_command_refuses_a_dataset_without_settings(cli_env, capsys):
     argv = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--protocol", "maskclip", "--no-progress"]
-    assert command.run(parse(argv)) == 2
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "maskclip protocol has settings for" in err and "\n" not in err
 
@@ -376,7 +377,7 @@ def test_eval_command_overrides_the_protocol(cli_env, capsys):
             "--gem-layers", "2", "--no-progress", "--out", str(out), "--template", "a photo of a {}.",
             "--class-names", "dataset", "--logit-scale", "12.5", "--area-threshold", "none", "--pamr", "2",
             "--pamr-dilations", "1,3", "--border", "pad_corner", "--background-threshold", "0.3"]
-    assert command.run(parse(argv)) == 0, capsys.readouterr().err
+    assert cli_main(argv) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     s = result["protocol_settings"]
     assert (s["template"], s["class_names"], s["logit_scale"], s["area_threshold"], s["pamr_iterations"],
@@ -385,7 +386,7 @@ def test_eval_command_overrides_the_protocol(cli_env, capsys):
     assert result["num_templates"] == 1 and s["crop"] == 224  # the rest is SCLIP's
     assert result["prompts"]["person"][:2] == ["person", "person in shirt"]  # the dataset's own names
     base = ["eval", "--dataset", "voc", "--root", str(cli_env / "voc"), "--no-progress"]
-    assert command.run(parse(base + ["--class-names", "mine"])) == 2
+    assert cli_main(base + ["--class-names", "mine"]) == 2
     assert "unknown class-name set" in capsys.readouterr().err
     for bad in (["--pamr-dilations", "0"], ["--area-threshold", "1.5"], ["--border", "mirror"], ["--pamr", "-1"]):
         with pytest.raises(SystemExit) as e:

@@ -55,8 +55,9 @@ import torch.nn.functional as F  # noqa: E402
 from gem_jax.eval import datasets as D  # noqa: E402
 from gem_jax.eval import images, runner  # noqa: E402
 from gem_jax.eval.protocols import PROTOCOLS  # noqa: E402
-from gem_jax.pipeline import GEM, template_set  # noqa: E402
-from gem_jax.sliding import rescaled_size  # noqa: E402
+from gem_jax.pipeline import GEM  # noqa: E402
+from gem_jax.text import template_set  # noqa: E402
+from gem_jax.eval.sliding import rescaled_size  # noqa: E402
 from reference_models import openclip_model, twin  # noqa: E402
 from test_eval_datasets import make_voc  # noqa: E402
 from test_methods_parity import clearclip_tokens, maskclip_tokens, naclip_tokens, sclip_tokens  # noqa: E402
@@ -473,7 +474,7 @@ def test_logit_resizes_equal_torch():
     float32 coordinates included: at the official sizes float64 coordinates would be off
     by more than the model's own rounding."""
     from gem_jax.models.layers import resize_matrix
-    from gem_jax.sliding import bilinear_matrix
+    from gem_jax.eval.sliding import bilinear_matrix
 
     rng = np.random.default_rng(1)
     for hi, wi, ho, wo in ((202, 2048, 43, 437), (336, 449, 187, 250), (12, 14, 202, 224), (21, 28, 336, 449),
