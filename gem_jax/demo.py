@@ -174,7 +174,9 @@ def read_upload(value, allowed: pathlib.Path | None = None) -> tuple[np.ndarray,
     try:
         return preprocess.load_image(real), name
     except preprocess.ImageError as e:
-        message = str(e).replace(str(path), repr(name)).replace(real, repr(name))
+        message = str(e)
+        for shown in (path, real):  # Pillow quotes the path itself: replace the quoted form first
+            message = message.replace(repr(shown), repr(name)).replace(shown, repr(name))
         raise DemoError(f"Could not read the uploaded file {name!r} as an image ({message}). "
                         "Upload a JPEG, PNG, WebP, BMP, GIF or TIFF picture.") from None
 

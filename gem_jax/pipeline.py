@@ -177,16 +177,26 @@ class GEM:
             # Each device runs the plain single-device program on its share of the batch.
             return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
 
-        surgery_on = self._surgery is not None
         tokens = functools.partial(_token_grid, vit, self.method, schedule)
         self._tokens = jax.jit(shard(tokens, (P(), P("data")), P("data")), in_shardings=(replicated, data),
                                out_shardings=data)
-        grid_of = functools.partial(_grid_of_tokens, surgery_on)
-        self._grid = jax.jit(shard(grid_of, (P("data"), P("data"), P("data"), P()), P("data")),
-                             in_shardings=(data, data, data, replicated), out_shardings=data)
-        maps_of = functools.partial(_maps_of_tokens, model.config.vision.patch_size, surgery_on)
-        self._maps = jax.jit(shard(maps_of, (P("data"), P("data"), P("data"), P()), (P("data"), P("data"))),
-                             in_shardings=(data, data, data, replicated), out_shardings=(data, data))
+        patch = model.config.vision.patch_size
+        self._grid = jax.jit(shard(_grid_of_tokens, (P("data"),) * 3, P("data")), in_shardings=(data,) * 3,
+                             out_shardings=data)
+        self._maps = jax.jit(shard(functools.partial(_maps_of_tokens, patch), (P("data"),) * 3,
+                                   (P("data"), P("data"))), in_shardings=(data,) * 3, out_shardings=(data, data))
+        # Feature surgery weighs each prompt against all the others: two passes over every
+        # chunk of prompts gather what they share, then each chunk's similarities follow.
+        self._s_partials = jax.jit(shard(_surgery_partials, (P("data"),) * 3, (P("data"), P("data"))),
+                                   in_shardings=(data,) * 3, out_shardings=(data, data))
+        self._s_shared = jax.jit(shard(_surgery_shared, (P("data"),) * 4, P("data")), in_shardings=(data,) * 4,
+                                 out_shardings=data)
+        surgery_specs = ((P("data"),) * 6 + (P(),), (data,) * 6 + (replicated,))
+        self._s_grid = jax.jit(shard(_surgery_grid, surgery_specs[0], P("data")), in_shardings=surgery_specs[1],
+                               out_shardings=data)
+        self._s_maps = jax.jit(shard(functools.partial(_surgery_maps, patch), surgery_specs[0],
+                                     (P("data"), P("data"))), in_shardings=surgery_specs[1],
+                               out_shardings=(data, data))
 
     def __repr__(self) -> str:
         return (f"GEM({self.model.name!r}, method={self.method.name!r}, options={self.method.option_values()}, "
@@ -250,7 +260,7 @@ class GEM:
         """:func:`gem_jax.engine.cost.estimate_memory` for this model, method and schedule
         (per device: images are split over the devices)."""
         per_device = -(-images // self.mesh.size)
-        chunk = None if self.feature_surgery else PROMPT_CHUNK
+        chunk = PROMPT_CHUNK
         return cost.estimate_memory(self.model.config, hw, per_device, prompts, method=self.method,
                                     schedule=self.schedule, prompt_chunk=chunk, upsampled=upsampled,
                                     display=display, display_prompts=display_prompts)
@@ -274,18 +284,35 @@ class GEM:
         devices (B a multiple of the device count): ``{"cls": (B, D), "patches": (B, h, w, D)}``."""
         return self._tokens(self.visual_params, pixels)
 
-    def grid_logits(self, tokens, text, mask):
-        """:meth:`tokens`, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
-        cosine logits (feature surgery in their place when on); invalid prompts are zero."""
-        return self._grid(tokens, text, mask, self._surgery_arg())
+    def surgery_stats(self, tokens, chunks):
+        """What feature surgery needs from *all* of an image's prompts, gathered over the
+        prompt ``chunks`` (``[(text (B, P, D), mask (B, P)), ...]``): pass it to
+        :meth:`grid_logits` and :meth:`maps` for every chunk. ``None`` without feature surgery."""
+        if not self.feature_surgery:
+            return None
+        lse = count = None
+        for text, mask in chunks:
+            part, n = self._s_partials(tokens["cls"], text, mask)
+            lse, count = (part, n) if lse is None else (jnp.logaddexp(lse, part), count + n)
+        shared = sum(self._s_shared(tokens, text, mask, lse) for text, mask in chunks)
+        return lse, count, shared
 
-    def maps(self, tokens, text, mask):
+    def grid_logits(self, tokens, text, mask, stats=None):
+        """:meth:`tokens`, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
+        cosine logits; invalid prompts are zero. With feature surgery on, its similarities
+        instead, weighed against every prompt of :meth:`surgery_stats` (default: this chunk's)."""
+        if not self.feature_surgery:
+            return self._grid(tokens, text, mask)
+        stats = stats if stats is not None else self.surgery_stats(tokens, [(text, mask)])
+        return self._s_grid(tokens, text, mask, *stats, self._surgery)
+
+    def maps(self, tokens, text, mask, stats=None):
         """:meth:`grid_logits` upsampled bilinearly to the input size, and min-max scaled:
         (logits, heatmaps), each (B, P, H, W)."""
-        return self._maps(tokens, text, mask, self._surgery_arg())
-
-    def _surgery_arg(self):
-        return self._surgery if self._surgery is not None else jnp.zeros((self.model.config.embed_dim,), jnp.float32)
+        if not self.feature_surgery:
+            return self._maps(tokens, text, mask)
+        stats = stats if stats is not None else self.surgery_stats(tokens, [(text, mask)])
+        return self._s_maps(tokens, text, mask, *stats, self._surgery)
 
     def program(self, params, pixels, text, mask, *, grid: bool = False):
         """The whole image program as one function of the visual parameters (for export):
@@ -295,7 +322,8 @@ class GEM:
 
     def compiled_programs(self) -> int | None:
         """How many programs this object has compiled (None if JAX does not say)."""
-        sizes = [getattr(f, "_cache_size", None) for f in (self._tokens, self._grid, self._maps)]
+        sizes = [getattr(f, "_cache_size", None) for f in (self._tokens, self._grid, self._maps, self._s_partials,
+                                                            self._s_shared, self._s_grid, self._s_maps)]
         return sum(s() for s in sizes) if all(callable(s) for s in sizes) else None
 
     # ------------------------------------------------------------------ the calls users make
@@ -329,9 +357,7 @@ class GEM:
         distinct = list(dict.fromkeys(p for s in sets for p in s))
         checks.warn_truncated(self.model.tokenizer, distinct, self.templates)
         table = dict(zip(distinct, self.embed_text(distinct)))
-        most = max(len(s) for s in sets)
-        # Feature surgery weighs every prompt against all the others: one chunk holds them all.
-        p_bucket = bucket(most if self.feature_surgery else min(most, PROMPT_CHUNK), 8)
+        p_bucket = bucket(min(max(len(s) for s in sets), PROMPT_CHUNK), 8)
 
         logits: list = [None] * len(images)
         heat: list = [None] * len(images)
@@ -360,68 +386,12 @@ class GEM:
             heat = None
         return HeatmapOutput(logits, heat, sets, sizes)
 
-    def pixel_logits(self, pixels, prompts: Sequence[str], *, grid: bool = True) -> np.ndarray:
-        """Cosine logits of model inputs that are already normalised.
-
-        For pipelines that prepare pixels their own way (the evaluation protocols resize
-        and normalise as each official code does, and pad in normalised space).
-
-        Args:
-          pixels: float32 (B, H, W, 3), or (H, W, 3) for one image; H and W multiples of
-            the patch size.
-          prompts: one list of prompts for every image.
-          grid: the patch-grid logits (B, P, H / patch, W / patch); ``False``, upsampled
-            bilinearly to (H, W) as :meth:`heatmaps` returns them.
-        Returns:
-          float32 array, (B, P, h, w).
-        """
-        x = np.asarray(pixels, np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        patch = self.model.config.vision.patch_size
-        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
-            raise ValueError(f"pixels must be (B, H, W, 3), got shape {np.shape(pixels)}")
-        if x.shape[1] % patch or x.shape[2] % patch or 0 in x.shape[1:3]:
-            raise ValueError(f"pixel sides must be positive multiples of the patch size {patch}, got "
-                             f"{x.shape[1]}x{x.shape[2]}")
-        if not np.isfinite(x).all():
-            raise ValueError("pixels contain NaN or infinite values")
-        prompts = _prompt_sets(prompts, 1)[0]
-        distinct = list(dict.fromkeys(prompts))
-        table = dict(zip(distinct, self.embed_text(distinct)))
-        p_bucket = _bucket(len(prompts) if self.feature_surgery else min(len(prompts), PROMPT_CHUNK), 8)
-        dim, hw = self.model.config.embed_dim, x.shape[1:3]
-        out = []
-        for start in range(0, len(x), self.batch_size):
-            part = x[start:start + self.batch_size]
-            b = -(-_bucket(len(part), 1) // self.mesh.size) * self.mesh.size  # whole shards per device
-            self.check_memory(hw, b, p_bucket)
-            batch = np.zeros((b, *hw, 3), np.float32)
-            batch[:len(part)] = part
-            chunks = []
-            for p0 in range(0, len(prompts), p_bucket):
-                chunk = prompts[p0:p0 + p_bucket]
-                text = np.zeros((b, p_bucket, dim), np.float32)
-                text[:, :len(chunk)] = [table[p] for p in chunk]
-                mask = np.zeros((b, p_bucket), bool)
-                mask[:, :len(chunk)] = True
-                if grid:
-                    lg = jax.device_get(self._grid(self._vparams, batch, text, mask))
-                else:
-                    lg = jax.device_get(self._maps(self._vparams, batch, text, mask))[0]
-                if not np.isfinite(lg).all():
-                    raise FloatingPointError("the model produced NaN or infinite similarities; check its "
-                                             "weights and the options (temperature, dtype)")
-                chunks.append(np.asarray(lg[:len(part), :len(chunk)]))
-            out.append(np.concatenate(chunks, axis=1))
-        return np.concatenate(out).astype(np.float32, copy=False)
-
     def _run_batch(self, pixels, row_sets, table, p_bucket: int, grid: bool):
         """One padded batch of pixels through the tower (once), then its rows' prompts in chunks
         of ``p_bucket``; returns (logits, heatmaps or None) per row of ``row_sets``."""
         b, dim = pixels.shape[0], self.model.config.embed_dim
         tokens = self.tokens(pixels)  # once per image, whatever the prompt count
-        parts: list[list] = [[] for _ in row_sets]
+        chunks = []
         for p0 in range(0, max(len(s) for s in row_sets), p_bucket):  # one step unless many prompts
             text = np.zeros((b, p_bucket, dim), np.float32)
             mask = np.zeros((b, p_bucket), bool)
@@ -430,10 +400,14 @@ class GEM:
                 if chunk:
                     text[row, :len(chunk)] = [table[p] for p in chunk]
                     mask[row, :len(chunk)] = True
+            chunks.append((p0, text, mask))
+        stats = self.surgery_stats(tokens, [(t, m) for _, t, m in chunks])
+        parts: list[list] = [[] for _ in row_sets]
+        for p0, text, mask in chunks:
             if grid:
-                lg, hm = jax.device_get(self.grid_logits(tokens, text, mask)), None
+                lg, hm = jax.device_get(self.grid_logits(tokens, text, mask, stats)), None
             else:
-                lg, hm = jax.device_get(self.maps(tokens, text, mask))
+                lg, hm = jax.device_get(self.maps(tokens, text, mask, stats))
             if not np.isfinite(lg).all():  # never hand back NaN maps as if they were results
                 raise FloatingPointError("the model produced NaN or infinite similarities; check its "
                                          "weights and the options (temperature, dtype)")
@@ -472,7 +446,7 @@ class GEM:
         prompts = checks.prompt_sets(prompts, 1)[0]
         distinct = list(dict.fromkeys(prompts))
         table = dict(zip(distinct, self.embed_text(distinct)))
-        p_bucket = bucket(len(prompts) if self.feature_surgery else min(len(prompts), PROMPT_CHUNK), 8)
+        p_bucket = bucket(min(len(prompts), PROMPT_CHUNK), 8)
         hw = x.shape[1:3]
         out = []
         for start in range(0, len(x), self.batch_size):
@@ -569,14 +543,36 @@ def _token_grid(vit, method, schedule, params, pixels):
     return {"cls": tokens[:, 0], "patches": tokens[:, 1:].reshape(tokens.shape[0], *grid, tokens.shape[-1])}
 
 
-def _grid_of_tokens(surgery_on: bool, tokens, text, mask, surgery):
+def _flat_tokens(tokens):
     patches = tokens["patches"]
     b, h, w, d = patches.shape
-    flat = jnp.concatenate([tokens["cls"][:, None], patches.reshape(b, h * w, d)], axis=1)
-    return tower.prompt_logits(flat, text, mask, (h, w), surgery if surgery_on else None)
+    return jnp.concatenate([tokens["cls"][:, None], patches.reshape(b, h * w, d)], axis=1), (h, w)
 
 
-def _maps_of_tokens(patch_size: int, surgery_on: bool, tokens, text, mask, surgery):
+def _grid_of_tokens(tokens, text, mask):
+    flat, grid = _flat_tokens(tokens)
+    return tower.prompt_logits(flat, text, mask, grid)
+
+
+def _maps_of_tokens(patch_size: int, tokens, text, mask):
     _, h, w, _ = tokens["patches"].shape
-    return tower.upsampled_maps(_grid_of_tokens(surgery_on, tokens, text, mask, surgery),
+    return tower.upsampled_maps(_grid_of_tokens(tokens, text, mask), (h * patch_size, w * patch_size))
+
+
+def _surgery_partials(cls, text, mask):
+    return tower.surgery_partials(cls, text, mask)
+
+
+def _surgery_shared(tokens, text, mask, lse):
+    return tower.surgery_shared(_flat_tokens(tokens)[0], text, mask, lse)
+
+
+def _surgery_grid(tokens, text, mask, lse, count, shared, redundant):
+    flat, grid = _flat_tokens(tokens)
+    return tower.surgery_logits(flat, text, mask, grid, lse, count, shared, redundant)
+
+
+def _surgery_maps(patch_size: int, tokens, text, mask, lse, count, shared, redundant):
+    _, h, w, _ = tokens["patches"].shape
+    return tower.upsampled_maps(_surgery_grid(tokens, text, mask, lse, count, shared, redundant),
                                 (h * patch_size, w * patch_size))

@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import os
+import re
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -93,7 +94,11 @@ def decode(item: Item, index: int, sizing: Sizing) -> Decoded:
         pixels = preprocess.normalize(preprocess.resize(rgb, hw))
         return Decoded(index, item, pixels, tuple(rgb.shape[:2]), hw, image=rgb if sizing.keep_image else None)
     except preprocess.ImageError as e:
-        return Decoded(index, item, error=str(e).replace("PIL image: ", ""))
+        return Decoded(index, item, error=str(e).replace("PIL image", "image"))
+    except Image.DecompressionBombError as e:  # Pillow refuses at open, before our own check
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        return Decoded(index, item, error=f"{size}, more than the limit of {sizing.max_pixels:,} (--max-pixels)")
     except UnidentifiedImageError:
         return Decoded(index, item, error="not an image Pillow can read (unknown format or corrupt header)")
     except Exception as e:  # unreadable file, corrupt data, Pillow's own bomb error, ...

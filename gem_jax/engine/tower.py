@@ -274,26 +274,52 @@ def masked_feature_surgery(tokens, text, valid, redundant):
     return jnp.where(n > 1, several, single)[1:].T
 
 
-def grid_logits(vit, method: Method, schedule, params, pixels, text, mask, surgery=None):
-    """(B, H, W, 3) pixels, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) patch-grid
-    cosine logits of the method's tokens (CLIP Surgery's feature surgery in their place
-    with ``surgery``, the empty prompt's embedding); invalid prompts are zero."""
-    grid = vit.grid_shape(pixels)
-    tokens = method_tokens(vit, params, pixels, method, schedule)
-    return prompt_logits(tokens, text, mask, grid, surgery)
+def surgery_partials(cls, text, mask):
+    """Feature surgery over prompt chunks, first pass: per image, ``log Σ exp(2 f_cls · g_t)``
+    over one chunk's valid prompts (``-inf`` when none) and their count.
+
+    Args:
+      cls: (B, D) class tokens; text: (B, P, D) embeddings; mask: (B, P) valid prompts.
+    Returns:
+      ((B,) float32, (B,) int32).
+    """
+    f, g = l2_normalize(cls), l2_normalize(text)
+    c = 2.0 * jnp.einsum("bd,bpd->bp", f, g, precision=jax.lax.Precision.HIGHEST)
+    lse = jax.nn.logsumexp(jnp.where(mask, c, -jnp.inf), axis=-1)
+    return lse, jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
-def prompt_logits(tokens, text, mask, grid, surgery=None):
+def surgery_shared(tokens, text, mask, lse):
+    """Second pass: ``Σ_t p_t (f_i · g_t)`` over one chunk's valid prompts, with
+    ``p_t = exp(2 f_cls · g_t - lse)`` the softmax over *all* prompts: (B, 1 + N)."""
+    f, g = l2_normalize(tokens), l2_normalize(text)
+    hi = jax.lax.Precision.HIGHEST
+    p = jnp.exp(2.0 * jnp.einsum("bd,bpd->bp", f[:, 0], g, precision=hi) - lse[:, None])
+    p = jnp.where(mask, p, 0.0)
+    return jnp.einsum("bnd,bpd,bp->bn", f, g, p, precision=hi)
+
+
+def surgery_logits(tokens, text, mask, grid, lse, count, shared, redundant):
+    """Last pass: one chunk's feature-surgery similarities (B, P, h, w) from the passes over all
+    prompts: ``n p_t (f_i · g_t) - Σ_t' p_t' (f_i · g_t')`` (equal to :func:`masked_feature_surgery`
+    over the whole set), or ``f_i · (g_t - redundant)`` when the image has one prompt; invalid
+    prompts are zero."""
+    f, g = l2_normalize(tokens), l2_normalize(text)
+    hi = jax.lax.Precision.HIGHEST
+    sims = jnp.einsum("bnd,bpd->bpn", f, g, precision=hi)
+    p = jnp.exp(2.0 * jnp.einsum("bd,bpd->bp", f[:, 0], g, precision=hi) - lse[:, None])
+    several = sims * (p * count[:, None])[:, :, None] - shared[:, None, :]
+    single = jnp.einsum("bnd,bpd->bpn", f, g - jnp.reshape(redundant, (1, 1, -1)), precision=hi)
+    out = jnp.where((count > 1)[:, None, None], several, single)[:, :, 1:]
+    out = jnp.where(mask[:, :, None], out, 0.0)
+    return out.reshape(*out.shape[:2], *grid)
+
+
+def prompt_logits(tokens, text, mask, grid):
     """(B, 1 + h*w, D) tokens, text sets (B, P, D) and mask (B, P) -> (B, P, h, w) cosine
-    logits (feature surgery with ``surgery``); invalid prompts are zero."""
-    def one_image(tok, txt, valid):
-        if surgery is None:
-            sims = patch_logits(tok[None], txt, grid)[0]  # (P, h, w)
-        else:
-            sims = masked_feature_surgery(tok, txt, valid, surgery).reshape(-1, *grid)
-        return jnp.where(valid[:, None, None], sims, 0.0)
-
-    return jax.vmap(one_image)(tokens, text, mask)
+    logits; invalid prompts are zero."""
+    sims = patch_logits(tokens, text, grid)
+    return jnp.where(mask[:, :, None, None], sims, 0.0)
 
 
 def upsampled_maps(grid_sims, hw):
@@ -301,9 +327,3 @@ def upsampled_maps(grid_sims, hw):
     bilinearly (half-pixel centres) to ``hw``, and min-max scaled."""
     maps = resize_2d(grid_sims, hw, "bilinear", axes=(-2, -1))
     return maps, min_max(maps)
-
-
-def image_maps(vit, method: Method, schedule, params, pixels, text, mask, surgery=None):
-    """:func:`grid_logits` upsampled to the input size: (logits, heatmaps), each (B, P, H, W)."""
-    return upsampled_maps(grid_logits(vit, method, schedule, params, pixels, text, mask, surgery),
-                          pixels.shape[1:3])
