@@ -118,13 +118,30 @@ def truncated(tokenizer, prompts: Sequence[str], templates: Sequence[str] = ("{}
     return [p for p in prompts if len(tokenizer.encode(longest.format(p))) > limit]
 
 
+def vet(tokenizer, prompts: Sequence[str], classes: Sequence[str] | None, templates: Sequence[str],
+        note=None) -> None:
+    """The checks every command makes once the model's tokenizer is known: prompts, and class
+    names, the model cannot tell apart are refused (:class:`PromptError`); each text cut at the
+    context length is reported through ``note`` (a function taking one message)."""
+    distinguishable(tokenizer, prompts, templates)
+    if classes:
+        distinguishable(tokenizer, classes, templates, "class name")
+    if note is not None:
+        for p in truncated(tokenizer, list(dict.fromkeys([*prompts, *(classes or [])])), templates):
+            note(truncation_message(tokenizer, p))
+
+
+def truncation_message(tokenizer, prompt: str) -> str:
+    """What gem-jax says of a prompt cut at the context length."""
+    return (f"the prompt {_short(prompt)} is longer than the model's context of {tokenizer.context_length} tokens; "
+            "it is cut, and the model does not see its end")
+
+
 def warn_truncated(tokenizer, prompts: Sequence[str], templates: Sequence[str] = ("{}",)) -> list[str]:
     """:func:`truncated`, with a :class:`PromptTruncatedWarning` naming each cut prompt."""
     cut = truncated(tokenizer, prompts, templates)
     for p in cut:
-        warnings.warn(PromptTruncatedWarning(
-            f"the prompt {_short(p)} is longer than the model's context of {tokenizer.context_length} tokens; "
-            "it is cut, and the model does not see its end"), stacklevel=3)
+        warnings.warn(PromptTruncatedWarning(truncation_message(tokenizer, p)), stacklevel=3)
     return cut
 
 

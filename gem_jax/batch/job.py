@@ -443,14 +443,8 @@ def run(gem, items: Sequence[inputs_lib.Item], out_dir, opts: BatchOptions, *,
     prompts, class_columns = all_prompts(opts)
     if not prompts:
         raise JobError("no prompts given")
-    opts_prompts = checks.clean_prompts(opts.prompts) if opts.prompts else []
-    checks.distinguishable(gem.model.tokenizer, opts_prompts, gem.templates)
-    if opts.classes:
-        checks.distinguishable(gem.model.tokenizer, checks.clean_prompts(opts.classes, "class name"),
-                               gem.templates, "class name")
-    for p in checks.truncated(gem.model.tokenizer, prompts, gem.templates):
-        progress.note(f"the prompt {p[:60]!r} is longer than the model's {gem.model.tokenizer.context_length}-token "
-                      "context: it is cut, and the model does not see its end")
+    checks.vet(gem.model.tokenizer, checks.clean_prompts(opts.prompts or []),
+               checks.clean_prompts(opts.classes, "class name") if opts.classes else None, gem.templates, progress.note)
     if opts.store == "topk" and not 1 <= opts.top_k <= len(opts.prompts or prompts):
         raise JobError(f"--top-k must be between 1 and the {len(opts.prompts or prompts)} prompts, got {opts.top_k}")
     index, count = opts.shard or default_shard()

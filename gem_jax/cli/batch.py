@@ -8,7 +8,7 @@ from gem_jax import checks
 from gem_jax.cli import argtypes
 from gem_jax.cli.common import (EXIT_OK, EXIT_PARTIAL, RuntimeFailure, UsageError, add_model_flags, check_method,
                                 compile_cache_from_flags, gem_from_flags, load_model, memory_refusal, output_dir,
-                                progress_of)
+                                progress_of, prompts_and_classes)
 from gem_jax.engine.cost import MemoryLimitError
 
 
@@ -82,16 +82,8 @@ def batch_prompts(args) -> tuple[list[str], list[str] | None]:
         if "\x00" in text:
             raise UsageError(f"--prompts-file {args.prompts_file} holds NUL bytes: it is not a text file")
         prompts += [ln for ln in text.splitlines() if ln.strip()]
-    try:
-        prompts = checks.clean_prompts(prompts)
-        classes = checks.clean_prompts(args.classes, "class name") if args.classes else None
-        checks.same_after_cleaning(prompts)  # the full check needs the model's tokenizer: after it loads
-        checks.same_after_cleaning(classes or [], "class name")
-    except checks.PromptError as e:
-        raise UsageError(str(e)) from None
-    if not prompts and not classes:
-        raise UsageError("nothing to localise: give prompts with -p PROMPT, --prompts-file FILE or --classes")
-    return prompts, classes
+    return prompts_and_classes(prompts, args.classes,
+                               "give prompts with -p PROMPT, --prompts-file FILE or --classes")
 
 
 def run(args) -> int:

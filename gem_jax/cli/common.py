@@ -213,6 +213,21 @@ def load_model(name, progress=None):
     return model
 
 
+def prompts_and_classes(prompts, classes, nothing: str) -> tuple[list[str], list[str] | None]:
+    """The prompts and class names of the flags, checked before the model loads (empty ones,
+    ones the tokenizer's cleaning makes equal); ``nothing`` is the message when there are none."""
+    try:
+        prompts = checks.clean_prompts(prompts)
+        classes = checks.clean_prompts(classes, "class name") if classes else None
+        checks.same_after_cleaning(prompts)  # the full check needs the model's tokenizer: after it loads
+        checks.same_after_cleaning(classes or [], "class name")
+    except checks.PromptError as e:
+        raise UsageError(str(e)) from None
+    if not prompts and not classes:
+        raise UsageError(f"nothing to localise: {nothing}")
+    return prompts, classes
+
+
 def memory_refusal(e: cost.MemoryLimitError) -> RuntimeFailure:
     """A memory refusal in the command line's words."""
     return RuntimeFailure(e.message("cli"))

@@ -12,7 +12,7 @@ from gem_jax import checks, files, outputs, postprocess, preprocess, visualize
 from gem_jax.cli import argtypes
 from gem_jax.cli.common import (EXIT_OK, EXIT_PARTIAL, RuntimeFailure, UsageError, add_model_flags, check_method,
                                 compile_cache_from_flags, gem_from_flags, load_model, memory_refusal, output_dir,
-                                output_file, progress_of)
+                                output_file, progress_of, prompts_and_classes)
 from gem_jax.engine.cost import MemoryLimitError
 
 #: Images decoded ahead of the model by segment's loader threads: what bounds its memory.
@@ -51,19 +51,6 @@ def add_parser(sub, parents) -> None:
     seg.set_defaults(run=run)
 
 
-def _prompts_and_classes(args) -> tuple[list[str], list[str] | None]:
-    try:
-        prompts = checks.clean_prompts(args.prompts)
-        classes = checks.clean_prompts(args.classes, "class name") if args.classes else None
-        checks.same_after_cleaning(prompts)  # the full check needs the model's tokenizer: after it loads
-        checks.same_after_cleaning(classes or [], "class name")
-    except checks.PromptError as e:
-        raise UsageError(str(e)) from None
-    if not prompts and not classes:
-        raise UsageError("nothing to localise: give prompts with -p PROMPT (or class names with --classes)")
-    return prompts, classes
-
-
 def _check_outputs(args, plans, out_dir: pathlib.Path) -> None:
     """Every output checked before the model loads: refused when it exists and gem-jax did
     not write it, or without --force."""
@@ -81,7 +68,8 @@ def _check_outputs(args, plans, out_dir: pathlib.Path) -> None:
 
 
 def run(args) -> int:
-    prompts, classes = _prompts_and_classes(args)
+    prompts, classes = prompts_and_classes(args.prompts, args.classes,
+                                           "give prompts with -p PROMPT (or class names with --classes)")
     progress = progress_of(args, "segment")
     if args.save_logits and not prompts:
         raise UsageError("--save-logits needs prompts (-p)")
@@ -136,14 +124,9 @@ def run(args) -> int:
     gem = gem_from_flags(model, args)
     wanted = prompts + [c for c in dict.fromkeys(classes or []) if c not in prompts]
     try:
-        checks.distinguishable(model.tokenizer, prompts, gem.templates)
-        if classes:
-            checks.distinguishable(model.tokenizer, classes, gem.templates, "class name")
+        checks.vet(model.tokenizer, prompts, classes, gem.templates, progress.note)
     except checks.PromptError as e:
         raise UsageError(str(e)) from None
-    for p in checks.truncated(model.tokenizer, wanted, gem.templates):
-        progress.note(f"the prompt {p[:60]!r} is longer than the model's {model.tokenizer.context_length}-token "
-                      "context: it is cut, and the model does not see its end")
     try:  # every image's memory need (from its header's size), before anything is computed
         for hw in dict.fromkeys(dims):
             gem.check_memory(gem.input_size(hw), 1, len(wanted), display=outputs.display_size(hw),
