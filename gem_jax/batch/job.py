@@ -590,8 +590,7 @@ def _process(gem, items, ranges, todo, out_dir, opts, prompts, class_columns, b,
         if hw not in compiled:
             gem.check_memory(hw, b, p_bucket, upsampled=need_full)
             compiled.add(hw)
-            progress.say(f"compiling for {hw[0]}x{hw[1]} inputs (the first batch of this size; later runs read the "
-                         "compile cache) ...")
+            progress.say(f"compiling for {hw[0]}x{hw[1]} inputs (the first batch of this size) ...")
         pixels = np.zeros((b, *hw, 3), np.float32)
         for r, d in enumerate(group):
             pixels[r] = d.pixels
