@@ -120,11 +120,15 @@ def publish(temp, path, overwrite: bool = True) -> None:
     os.unlink(temp)
 
 
-def atomic_write(path, write: Callable, *, overwrite: bool = True, fsync: bool = True) -> pathlib.Path:
+def atomic_write(path, write: Callable, *, overwrite: bool = True, fsync: bool = True,
+                 record: bool = False) -> pathlib.Path:
     """Calls ``write(file)`` on a temporary binary file beside ``path``, then renames it to ``path``.
 
     A reader never sees half a file, a failure leaves nothing behind, and the file gets the
     user's umask. Without ``overwrite`` an existing ``path`` raises :class:`FileExistsError`.
+    With ``record`` the file is noted in the directory's :class:`Ledger` as gem-jax's before
+    it takes its name (a rename keeps the size and time the note holds), so a process killed
+    at any moment never leaves a file of its own that the next run takes for the user's.
     The parent directory must exist. Returns ``path``.
     """
     path = pathlib.Path(path)
@@ -137,6 +141,8 @@ def atomic_write(path, write: Callable, *, overwrite: bool = True, fsync: bool =
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        if record:
+            Ledger(path.parent).record_as(path, temp)
         publish(temp, path, overwrite)
     finally:
         with contextlib.suppress(OSError):
@@ -252,7 +258,7 @@ class Ledger:
         self.path = self.directory / LEDGER
         self._cache: tuple | None = None
 
-    def _entries(self) -> dict[str, dict]:
+    def _entries(self) -> dict[str, list[dict]]:
         try:
             st = os.stat(self.path)
         except OSError:
@@ -260,7 +266,7 @@ class Ledger:
         key = (st.st_size, st.st_mtime_ns)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        entries: dict[str, dict] = {}
+        entries: dict[str, list[dict]] = {}
         try:
             with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
                 for line in f:
@@ -272,7 +278,9 @@ class Ledger:
                     if doc.get("deleted"):
                         entries.pop(name, None)
                     elif isinstance(doc.get("size"), int) and isinstance(doc.get("mtime_ns"), int):
-                        entries[name] = {"size": doc["size"], "mtime_ns": doc["mtime_ns"]}
+                        # every version gem-jax wrote under the name counts (a kill between the
+                        # note of a new version and its rename leaves the old one in place)
+                        entries.setdefault(name, []).append({"size": doc["size"], "mtime_ns": doc["mtime_ns"]})
         except OSError:
             return {}
         self._cache = (key, entries)
@@ -281,8 +289,8 @@ class Ledger:
     def owned(self, path) -> bool:
         """Whether ``path`` (in this directory) is a file gem-jax wrote and nobody changed since."""
         path = pathlib.Path(path)
-        entry = self._entries().get(path.name)
-        return entry is not None and entry == _stamp(path)
+        stamp = _stamp(path)
+        return stamp is not None and stamp in self._entries().get(path.name, ())
 
     def recorded(self, path) -> bool:
         """Whether gem-jax recorded writing a file of this name here (changed since or not)."""
@@ -298,14 +306,12 @@ class Ledger:
         finally:
             os.close(fd)
 
-    def record(self, *paths) -> None:
-        """Notes ``paths`` (files in this directory, in place) as written by gem-jax."""
-        docs = []
-        for p in paths:
-            stamp = _stamp(pathlib.Path(p))
-            if stamp is not None:
-                docs.append({"name": pathlib.Path(p).name, **stamp})
-        self._append(docs)
+    def record_as(self, path, source) -> None:
+        """Notes ``path`` as gem-jax's with the size and time of ``source`` (the temporary file
+        about to be renamed to it)."""
+        stamp = _stamp(pathlib.Path(source))
+        if stamp is not None:
+            self._append([{"name": pathlib.Path(path).name, **stamp}])
 
     def forget(self, *paths) -> None:
         """Drops ``paths`` from the record (after deleting them)."""
@@ -322,9 +328,7 @@ def write_owned(path, write: Callable, *, force: bool, flag: str = "--force") ->
     then recorded in the directory's :class:`Ledger`."""
     path = pathlib.Path(path)
     check_writable(path, force=force, flag=flag)
-    atomic_write(path, write)
-    Ledger(path.parent).record(path)
-    return path
+    return atomic_write(path, write, record=True)
 
 
 def check_writable(path, *, force: bool, flag: str = "--force") -> None:

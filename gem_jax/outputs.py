@@ -160,8 +160,7 @@ class LogitsWriter:
                                 while chunk := src.read(1 << 20):
                                     dst.write(chunk)
 
-        files.atomic_write(self.path, write)
-        files.Ledger(self.path.parent).record(self.path)
+        files.atomic_write(self.path, write, record=True)
 
     def abort(self) -> None:
         """Removes the temporary directory (and directories made for nothing)."""

@@ -222,11 +222,11 @@ def _new_manifest(out_dir: pathlib.Path, spec: dict, n_parts: int) -> None:
             f.write(files.dump_json(doc))
             f.flush()
             os.fsync(f.fileno())
+        files.Ledger(out_dir).record_as(path, tmp)  # noted before it takes its name: a kill leaves no orphan
         try:
             files.publish(tmp, path, overwrite=False)  # atomic create-if-absent
         except FileExistsError:
             return
-        files.Ledger(out_dir).record(path)
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
 
@@ -360,8 +360,8 @@ class _Pieces:
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         path = self.dir / f"piece-{number:05d}.parquet"
         table = pa.concat_tables(self.buffer)
-        files.atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1))
-        files.Ledger(self.dir).record(path)
+        files.atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1),
+                           record=True)
         self.buffer, self.buffered_rows = [], 0
         self.committed_rows += n
         self.last_commit = time.monotonic()
@@ -384,8 +384,8 @@ class _Pieces:
             raise JobError(f"part {self.part} holds {table.num_rows} rows instead of {expected}: its pending "
                            f"pieces in {self.dir} disagree with the input list")
         final = store.part_path(self.out_dir, self.part)
-        files.atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1))
-        files.Ledger(final.parent).record(final)
+        files.atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1),
+                           record=True)
         errors = table.num_rows - int(pc.sum(pc.is_null(table["error"]).cast("int64")).as_py() or 0)
         store.record_part(self.out_dir, self.part, table.num_rows, errors)
         if self.dir.is_dir():
@@ -410,8 +410,8 @@ def _finish_job(out_dir: pathlib.Path, n_parts: int) -> bool:
         if os.path.lexists(path) and not files.Ledger(out_dir).owned(path):
             raise JobError(f"{path} was not written by this job; it is left alone and the job's errors are in the "
                            "error column of the part files")
-        files.write_bytes(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode())
-        files.Ledger(out_dir).record(path)
+        files.write_bytes(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode(),
+                          record=True)
         rows = sum(recorded[n]["rows"] for n in names)
         doc["counts"] = {"images": doc["spec"]["inputs"]["count"], "parts": n_parts, "records": rows - len(errors),
                          "errors": len(errors), "complete": True}

@@ -152,9 +152,7 @@ def manifest_lock(out_dir: pathlib.Path):
 
 
 def write_manifest(out_dir: pathlib.Path, doc: dict) -> None:
-    path = pathlib.Path(out_dir) / MANIFEST
-    files.write_json(path, doc)
-    files.Ledger(out_dir).record(path)
+    files.write_json(pathlib.Path(out_dir) / MANIFEST, doc, record=True)
 
 
 def record_part(out_dir: pathlib.Path, part: int, rows: int, errors: int) -> None:

@@ -20,6 +20,7 @@ from gem_jax.checkpoints.registry import (
     ModelEntry,
     UnknownModelError,
     available_models,
+    canonical_name,
     get_entry,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "convert",
     "convert_random",
     "available_models",
+    "canonical_name",
     "get_entry",
     "is_converted",
     "local_dir",
