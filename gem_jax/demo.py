@@ -591,8 +591,9 @@ def _interrupt(signum, frame):
 
 
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          auth=None, memory_limit="auto", text_cache: bool = True) -> int:
-    """``gem-jax demo``: loads the model once, starts the page, prints its URL, serves until Ctrl-C.
+          auth=None, memory_limit="auto", text_cache: bool = True, quiet: bool = False) -> int:
+    """``gem-jax demo``: loads the model once, starts the page, prints its URL (stdout), serves
+    until Ctrl-C; status lines on stderr unless ``quiet`` (warnings always).
 
     Returns the exit status; raises :class:`StartError`, or
     :class:`~gem_jax.checkpoints.UnknownModelError` for a model name not in the registry.
@@ -602,7 +603,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 7860
     except ImportError:
         raise StartError('the demo needs Gradio: pip install "gem-jax[demo]"') from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    print(f"gem-jax demo: loading {model or checkpoints.DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"gem-jax demo: loading {model or checkpoints.DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     demo = Demo(model, memory_limit=memory_limit, text_cache=text_cache)
     if demo.startup_error:
         print(f"gem-jax demo: warning: {demo.startup_error}", file=sys.stderr, flush=True)
@@ -622,7 +624,8 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 7860
         print(f"gem-jax demo: running on {local_url}", flush=True)
         if share_url:
             print(f"gem-jax demo: public link {share_url}", flush=True)
-        print("gem-jax demo: press Ctrl-C to stop", file=sys.stderr, flush=True)
+        if not quiet:
+            print("gem-jax demo: press Ctrl-C to stop", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the page as Ctrl-C does, tidily
         page.block_thread()
     finally:

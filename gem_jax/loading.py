@@ -16,10 +16,16 @@ import numpy as np
 
 from gem_jax import checkpoints
 from gem_jax.config import CLIPConfig
+from gem_jax.engine.methods import get_method
 from gem_jax.tokenizer import Tokenizer
 
 #: The title of every picture made from a model with random weights (``Model.random_weights``).
 RANDOM_WEIGHTS_NOTE = "RANDOM weights: shows the mechanics, not real localisation"
+
+
+#: The keyword arguments of :class:`gem_jax.GEM` a model may recommend (``Model.defaults``).
+MODEL_DEFAULT_KEYS = ("method", "layers", "iterations", "temperature", "projections", "normalize", "mlp",
+                      "residual", "sigma", "size", "short_side", "template")
 
 
 class ModelLoadError(RuntimeError):
@@ -137,3 +143,34 @@ def open_model(name: str | None = None) -> Model:
                              f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
     except ValueError as e:  # a file of another kind, a bad config
         raise ModelLoadError(f"cannot load model {name or checkpoints.DEFAULT_MODEL}: {e}") from None
+
+
+def with_model_defaults(given: dict, defaults) -> dict:
+    """The settings of a :class:`gem_jax.GEM`: each given one (not ``None``), else the model's
+    recommendation for it (:attr:`Model.defaults`). The recommended method options apply only
+    to the recommended method (or when no other method is asked for), and only those the
+    method has; the caller's sizing wins as a whole."""
+    out = dict(given)
+    defaults = {k: v for k, v in dict(defaults or {}).items() if k in MODEL_DEFAULT_KEYS}
+    if not defaults:
+        return out
+    method = given["method"] if given["method"] is not None else defaults.get("method")
+    own_method = given["method"] is None or given["method"] == defaults.get("method")
+    has = set()
+    if own_method and method is not None:
+        try:
+            has = set(get_method(method).options)
+        except ValueError:
+            has = set()
+    for key, value in defaults.items():
+        if out.get(key) is not None:
+            continue
+        if key in ("size", "short_side", "template"):
+            if key in ("size", "short_side") and (given["size"] is not None or given["short_side"] is not None):
+                continue  # the caller's sizing wins as a whole
+            out[key] = value
+        elif key == "method":
+            out[key] = value
+        elif key in has:
+            out[key] = value
+    return out

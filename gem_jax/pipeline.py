@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from gem_jax import checks, postprocess, preprocess, textcache
 from gem_jax.engine import cost, tower
 from gem_jax.engine.methods import Method, get_method
-from gem_jax.loading import Model
+from gem_jax.loading import MODEL_DEFAULT_KEYS, Model, with_model_defaults
 from gem_jax.models import VisionTransformer
 from gem_jax.text import DEFAULT_TEMPLATE, TextEncoder, bucket, resolve_templates
 
@@ -34,9 +34,6 @@ MAX_LONG_SIDE = 2048
 #: over the tokens the tower computed once, so working memory stays flat in the number of
 #: prompts.
 PROMPT_CHUNK = 128
-#: The keyword arguments of :class:`GEM` a model may recommend (``Model.defaults``).
-MODEL_DEFAULT_KEYS = ("method", "layers", "iterations", "temperature", "projections", "normalize", "mlp",
-                      "residual", "sigma", "size", "short_side", "template")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +131,7 @@ class GEM:
         given = dict(method=method, layers=layers, iterations=iterations, temperature=temperature,
                      projections=projections, normalize=normalize, mlp=mlp, residual=residual, sigma=sigma,
                      size=size, short_side=short_side, template=template, **method_options)
-        settings = _with_model_defaults(given, model.defaults)
+        settings = with_model_defaults(given, model.defaults)
         #: What the method does to the last blocks (a :class:`~gem_jax.Method`).
         self.method: Method = get_method(settings.pop("method") or "gem",
                                          **{k: settings.pop(k) for k in list(settings)
@@ -503,36 +500,6 @@ class GEM:
 
 def _json_size(size):
     return list(size) if isinstance(size, tuple) else size
-
-
-def _with_model_defaults(given: dict, defaults) -> dict:
-    """The settings: each given one, else the model's recommendation for it. A model's
-    recommended method options apply only to its recommended method (or when no other
-    method is asked for), and only those the method has."""
-    out = dict(given)
-    defaults = {k: v for k, v in dict(defaults or {}).items() if k in MODEL_DEFAULT_KEYS}
-    if not defaults:
-        return out
-    method = given["method"] if given["method"] is not None else defaults.get("method")
-    own_method = given["method"] is None or given["method"] == defaults.get("method")
-    has = set()
-    if own_method and method is not None:
-        try:
-            has = set(get_method(method).options)
-        except ValueError:
-            has = set()
-    for key, value in defaults.items():
-        if out.get(key) is not None:
-            continue
-        if key in ("size", "short_side", "template"):
-            if key in ("size", "short_side") and (given["size"] is not None or given["short_side"] is not None):
-                continue  # the caller's sizing wins as a whole
-            out[key] = value
-        elif key == "method":
-            out[key] = value
-        elif key in has:
-            out[key] = value
-    return out
 
 
 def _token_grid(vit, method, schedule, params, pixels):

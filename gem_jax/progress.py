@@ -13,6 +13,11 @@ import time
 from typing import TextIO
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler's pre-emption, ``timeout``, ``kill``): long work stops as on
+    Ctrl-C, keeping what is finished."""
+
+
 def _duration(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "?"

@@ -198,7 +198,8 @@ def test_native_round_trip(tmp_path, clip_kit):
     doc = json.loads((out / "config.json").read_text())
     assert doc["format"] == "gem-jax" and doc["version"] == 1 and doc["note"] == "x"
     assert doc["clip"] == src.config.to_dict()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".gem-jax-files.jsonl", "config.json", "merges.txt",
+                                                   "model.safetensors", "vocab.json"]  # and the record of them
     back = read_native(out)
     assert back.config == src.config and back.layout == "native" and back.tokenizer_dir == out
     assert_same_params(back.params, src.params)

@@ -36,7 +36,7 @@ from gem_jax.batch.store import JobError
 from gem_jax.engine.tower import min_max
 from gem_jax.models.layers import resize_2d
 from gem_jax.pipeline import PROMPT_CHUNK
-from gem_jax.progress import Progress
+from gem_jax.progress import Progress, Terminated
 from gem_jax.text import bucket
 
 #: Images per device in one forward pass, by backend, when ``--batch-size`` is not given.
@@ -123,7 +123,12 @@ class Summary:
 
 
 class Interrupted(KeyboardInterrupt):
-    """The job stopped on Ctrl-C or SIGTERM; the message says what was kept and what remains."""
+    """The job stopped on Ctrl-C or SIGTERM (``terminated``); the message says what was kept and
+    what remains."""
+
+    def __init__(self, message: str, terminated: bool = False):
+        super().__init__(message)
+        self.terminated = terminated
 
 
 def default_shard() -> tuple[int, int]:
@@ -655,7 +660,7 @@ def _process(gem, items, ranges, todo, out_dir, opts, prompts, class_columns, b,
             pieces[j].finish(len(ranges[j]))
             finished_parts.add(j)
             processed += len(ranges[j]) - len(done[j])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # keep what was finished: the batches already computed, then the buffered rows
         try:
             while inflight:
@@ -666,9 +671,10 @@ def _process(gem, items, ranges, todo, out_dir, opts, prompts, class_columns, b,
             if j not in finished_parts:
                 pieces[j].commit_piece()
         now = processed + sum(pieces[j].committed_rows for j in todo if j not in finished_parts)
-        raise Interrupted(f"interrupted: kept {kept + now} finished image(s) of the {total} to do in {out_dir} "
-                          f"({now} from this run); {total - kept - now} remain; rerun the same command to go on") \
-            from None
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        raise Interrupted(f"{what}: kept {kept + now} finished image(s) of the {total} to do in {out_dir} "
+                          f"({now} from this run); {total - kept - now} remain; rerun the same command to go on",
+                          terminated=isinstance(stop, Terminated)) from None
     finally:
         bar.close()
         close = getattr(stream, "close", None)

@@ -196,7 +196,7 @@ def run(arch: str = "ViT-B-16", size: int | tuple[int, int] = 448, batches: Sequ
       reference: also time ``gem-torch`` (needs the ``test`` extra's packages).
       dtypes: gem-jax compute dtypes; each after the first also reports the max abs
         difference of its heatmaps from the first's.
-      schedule: gem-jax's :class:`~gem_jax.gem.Schedule` or ``"auto"``.
+      schedule: gem-jax's :class:`~gem_jax.Schedule` or ``"auto"``.
       head_chunk, image_chunk: when given, replace that field of the schedule.
       opts: GEM options.
       progress: a :class:`~gem_jax.progress.Progress` for a line per measurement (or a bool).

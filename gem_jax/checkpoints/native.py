@@ -72,8 +72,10 @@ def save_native(directory, config: CLIPConfig, params: Mapping, tokenizer_dir=No
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
         mode = 0o666 & ~files.umask()  # safetensors writes 0o600
-        for f in tmp.iterdir():
+        ledger = files.Ledger(tmp)  # the record --force goes by: what this call wrote
+        for f in sorted(tmp.iterdir()):
             os.chmod(f, mode)
+            ledger.record_as(f, f)
         _move_into_place(tmp, target, force)
     except BaseException:
         if tmp is not None:
@@ -115,13 +117,14 @@ def _check_replaceable(target: pathlib.Path) -> None:
         raise NotReplaceableError(f"refusing to replace {target}: it is not a gem-jax checkpoint directory "
                                   "(--force only replaces a directory gem-jax converted); choose another "
                                   "output directory")
-    own = _own_files()
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in own or p.is_symlink() or not p.is_file())
+    own, ledger = _own_files(), files.Ledger(target)
+    foreign = sorted(p.name for p in target.iterdir() if p.name != files.LEDGER and (
+        p.name not in own or p.is_symlink() or not p.is_file() or not ledger.owned(p)))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise NotReplaceableError(f"refusing to replace {target}: besides a gem-jax checkpoint it holds "
-                                  f"{foreign[0]}{more}, which gem-jax did not write; move those away or choose "
-                                  "another output directory")
+        raise NotReplaceableError(f"refusing to replace {target}: it holds {foreign[0]}{more}, which gem-jax has no "
+                                  "record of writing (or which changed since); move those away or choose another "
+                                  "output directory")
 
 
 def _make_parents(parent: pathlib.Path) -> list[pathlib.Path]:

@@ -19,13 +19,9 @@ from gem_jax import __version__
 from gem_jax.cli import batch, bench, demo, export, models, segment
 from gem_jax.cli import eval as eval_command
 from gem_jax.cli.common import EXIT_RUNTIME, EXIT_USAGE, Parser, RuntimeFailure, UsageError, add_common_flags
+from gem_jax.progress import Terminated
 
 COMMANDS = ("segment", "batch", "export", "models", "convert", "eval", "bench", "demo")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a scheduler's pre-emption, ``timeout``, ``kill``): stop as on Ctrl-C,
-    keeping what is finished."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +89,3 @@ def main(argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

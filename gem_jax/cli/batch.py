@@ -131,11 +131,11 @@ def run(args) -> int:
         summary = batch.run(gem, items, out, opts, progress=progress)
     except batch.Interrupted as e:
         progress.note(str(e))
-        return 130
+        return 143 if e.terminated else 130
     except checks.PromptError as e:
         raise UsageError(str(e)) from None
     except MemoryLimitError as e:
-        raise memory_refusal(e) from None
+        raise memory_refusal(e, batch="--batch-size") from None
     except batch.JobError as e:
         raise RuntimeFailure(str(e)) from None
     index, count = summary.shard

@@ -14,6 +14,7 @@ from gem_jax.cli import argtypes
 from gem_jax.config import CLIPConfig, architecture
 from gem_jax.engine import cost
 from gem_jax.engine.methods import OptionError, get_method, method_names
+from gem_jax.loading import with_model_defaults
 from gem_jax.text import resolve_templates
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -151,9 +152,14 @@ def check_method(args):
     unknown method, an option the method does not have, a bad value, or more layers than
     the model's vision blocks is a :class:`UsageError`."""
     depth, defaults = peek_model(getattr(args, "model", None))
-    name = args.method or defaults.get("method") or "gem"
+    settings = with_model_defaults(dict(method_options(args), method=args.method, size=getattr(args, "size", None),
+                                        short_side=getattr(args, "short_side", None),
+                                        template=getattr(args, "template", None)), defaults)
+    name = settings.pop("method") or "gem"
+    for key in ("size", "short_side", "template"):
+        settings.pop(key)
     try:
-        method = get_method(name, **method_options(args))
+        method = get_method(name, **settings)
     except OptionError as e:
         raise UsageError(_flag_words(str(e))) from None
     except ValueError as e:
@@ -228,9 +234,12 @@ def prompts_and_classes(prompts, classes, nothing: str) -> tuple[list[str], list
     return prompts, classes
 
 
-def memory_refusal(e: cost.MemoryLimitError) -> RuntimeFailure:
-    """A memory refusal in the command line's words."""
-    return RuntimeFailure(e.message("cli"))
+def memory_refusal(e: cost.MemoryLimitError, *, size: str | None = "--size or --short-side",
+                   batch: str | None = None) -> RuntimeFailure:
+    """A memory refusal in the words of the command: the flags it has for a smaller input
+    (``size``) and a smaller batch (``batch``), and ``--memory-limit``."""
+    return RuntimeFailure(e.message({"size": size and f"a smaller {size}", "batch": batch and f"a smaller {batch}",
+                                     "limit": "--memory-limit none to try anyway"}))
 
 
 def output_dir(path, flag: str = "--out") -> pathlib.Path:

@@ -37,7 +37,8 @@ def run(args) -> int:
     compile_cache_from_flags(args)
     try:
         return demo.serve(args.model, host=args.host, port=args.port, share=args.share, auth=auth,
-                          memory_limit=args.memory_limit, text_cache=not args.no_text_cache)
+                          memory_limit=args.memory_limit, text_cache=not args.no_text_cache,
+                          quiet=getattr(args, "quiet", False))
     except checkpoints.UnknownModelError as e:
         raise UsageError(str(e)) from None
     except demo.StartError as e:

@@ -68,7 +68,7 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     """Adds the ``eval`` sub-command to ``subparsers`` (``parents``: shared flag parsers)."""
     p = subparsers.add_parser(
         "eval", parents=list(parents), help="evaluate on a segmentation benchmark (mIoU, p-mIoU)",
-        description="Evaluates GEM (or plain CLIP) on a benchmark in its usual on-disk layout and writes the "
+        description="Evaluates a method (GEM by default, or the protocol's own) on a benchmark in its usual on-disk layout and writes the "
                     "metrics as JSON. The run is resumable: rerun the same command to continue.")
     p.add_argument("--dataset", required=True, choices=list(READERS), help="benchmark")
     p.add_argument("--root", required=True, help="dataset directory (e.g. VOCdevkit/VOC2012)")
@@ -179,7 +179,7 @@ def run(args) -> int:
     except StateFileError as e:  # rerunning would only fail again
         raise RuntimeFailure(str(e)) from e
     except MemoryLimitError as e:
-        raise memory_refusal(e) from None
+        raise memory_refusal(e, size=None, batch="--batch-size") from None
     except (EvaluationError, DatasetError, OSError) as e:
         hint = f"; rerun to resume from {state}" if state is not None and state.exists() else ""
         raise RuntimeFailure(f"{e}{hint}") from e

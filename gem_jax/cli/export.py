@@ -77,7 +77,7 @@ def run(args) -> int:
     except checks.PromptError as e:
         raise UsageError(str(e)) from None
     except MemoryLimitError as e:
-        raise memory_refusal(e) from None
+        raise memory_refusal(e, size="--size", batch="--batch") from None
     except ValueError as e:
         raise UsageError(str(e)) from None
     progress.say(f"lowering for {', '.join(platforms)} ...")

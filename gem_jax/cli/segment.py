@@ -175,12 +175,12 @@ def _segment_images(args, gem, paths, plans, prompts, classes, progress) -> tupl
         with progress.bar(len(paths)) as bar:
             for path, (overlays, grid, labels_path) in zip(paths, plans):
                 d = next(stream)
-                bar.update(1)
                 if d.error is not None:
                     message = preprocess.decode_error_message(path, d.error)
                     if args.on_error == "fail":
                         raise RuntimeFailure(f"{message} (--on-error skip goes on without it)")
                     skipped.append(f"{path}: {message}")
+                    bar.update(1)
                     continue
                 image, d.pixels, d.image = d.image, None, None  # segment resizes itself (as GEM.heatmaps does)
                 hw = gem.input_size(image)
@@ -222,6 +222,7 @@ def _segment_images(args, gem, paths, plans, prompts, classes, progress) -> tupl
                     fig = visualize.label_figure(picture, labels, classes, title=title)
                     files.write_owned(labels_path, visualize.png_writer(fig), force=args.force)
                     written += 1
+                bar.update(1)  # this image's pictures are written
         if not done:
             raise RuntimeFailure(f"none of the {len(paths)} image(s) could be read: {skipped[0]}")
         if logits_file is not None:

@@ -114,13 +114,12 @@ def available_memory(device=None) -> int | None:
     return None
 
 
-#: How each interface names the ways out of a refusal (:class:`MemoryLimitError`).
-WAYS_OUT: Mapping[str, Mapping[str, str]] = {
+#: How the API and the demo name the ways out of a refusal (:class:`MemoryLimitError`); each
+#: command of the command line gives its own flags (:func:`gem_jax.cli.common.memory_refusal`).
+WAYS_OUT: Mapping[str, Mapping[str, str | None]] = {
     "api": {"size": "a smaller size or short_side", "batch": "a smaller batch_size",
             "schedule": "schedule=Schedule(head_chunk=1, image_chunk=1)",
             "limit": "memory_limit=None to try anyway"},
-    "cli": {"size": "a smaller --size or --short-side", "batch": "a smaller --batch-size",
-            "schedule": None, "limit": "--memory-limit none to try anyway"},
     "demo": {"size": "a smaller model input size", "batch": None, "schedule": None, "limit": None},
 }
 
@@ -139,10 +138,12 @@ class MemoryLimitError(RuntimeError):
         self.need, self.limit, self.what, self.ways = int(need), int(limit), what, tuple(ways)
         super().__init__(self.message(interface))
 
-    def message(self, interface: str = "api") -> str:
-        """The refusal in the words of ``interface`` (``"api"``, ``"cli"`` or ``"demo"``)."""
+    def message(self, interface: str | Mapping[str, str | None] = "api") -> str:
+        """The refusal in the words of ``interface``: ``"api"``, ``"demo"``, or a table of
+        what each way out is called (``{"size": ..., "batch": ..., "limit": ...}``)."""
         gib = 2 ** 30
-        words = [WAYS_OUT[interface].get(w) for w in self.ways]
+        table = WAYS_OUT[interface] if isinstance(interface, str) else interface
+        words = [table.get(w) for w in self.ways]
         words = [w for w in words if w]
         out = ", ".join(words[:-1]) + (" or " if len(words) > 1 else "") + words[-1] if words else ""
         return (f"{self.what} needs about {self.need / gib:.1f} GiB, more than the {self.limit / gib:.1f} GiB "

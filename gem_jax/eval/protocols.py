@@ -51,14 +51,14 @@ class Protocol:
         (else only the first name).
       background_prompts: give the background class its own prompts (the dataset's
         background names) instead of predicting it only by threshold.
-      class_names: a bundled class-name set (:data:`gem_jax.class_names.NAME_SETS`) whose
+      class_names: a bundled class-name set (:data:`gem_jax.eval.class_names.NAME_SETS`) whose
         file for the dataset replaces the dataset's own prompts (every name on a line is
         prompted, the background too when its line is there); ``None`` for the dataset's.
       pamr_iterations, pamr_dilations: PAMR (:func:`gem_jax.postprocess.pamr`) on the
         cosine logits at the annotation size before the softmax, guided by the resized
         input image; 0 iterations is off.
       method: the method the protocol's source paper evaluates (a name of
-        ``gem_jax.gem.METHODS``), recorded as data; the evaluated method is the GEM's.
+        :func:`gem_jax.method_names`), recorded as data; the evaluated method is the GEM's.
       datasets: the datasets the source publishes settings for (``None``: any); others are
         refused.
       image_steps: how images are decoded, resized and normalised
@@ -66,7 +66,7 @@ class Protocol:
         normalisation), ``"mmseg"`` (SCLIP, NACLIP, ClearCLIP: OpenCV decoding and bilinear
         resizing on uint8, their data preprocessor's mean and std), ``"mmseg_imagenet"``
         (MaskCLIP: the same with ImageNet's mean and std). Steps other than ``"gem"`` always
-        go through :func:`gem_jax.sliding.window_logits`.
+        go through :func:`gem_jax.eval.sliding.window_logits`.
       point_threshold: heatmap level at which a point counts as "on" (p-mIoU).
       overrides: per dataset name, field values that replace the above.
     """
@@ -124,7 +124,7 @@ class Protocol:
 
     @property
     def sliding(self) -> bool:
-        """Whether the image goes through :func:`gem_jax.sliding.window_logits` (windows, one
+        """Whether the image goes through :func:`gem_jax.eval.sliding.window_logits` (windows, one
         whole-image window with a ``border`` rule, or image steps other than gem-jax's)."""
         return self.crop is not None or self.border != "resize" or self.image_steps != "gem"
 

@@ -89,7 +89,7 @@ def _bucket(n: int) -> int:
 
 
 def _padded_resize(in_size: int, out_size: int) -> np.ndarray:
-    """The bilinear (out, in) resize matrix (torch's, :func:`gem_jax.sliding.bilinear_matrix`),
+    """The bilinear (out, in) resize matrix (torch's, :func:`gem_jax.eval.sliding.bilinear_matrix`),
     zero-padded to (bucket(out), bucket(in))."""
     m = np.zeros((_bucket(out_size), _bucket(in_size)), np.float32)
     m[:out_size, :in_size] = bilinear_matrix(in_size, out_size)
@@ -273,7 +273,7 @@ def evaluate(gem_or_model, dataset: Dataset, protocol="gem", limit: int | None =
 
     Args:
       gem_or_model: a :class:`~gem_jax.pipeline.GEM` (its method, options and templates are
-        used as they are; the protocol sets the sizes) or a :class:`~gem_jax.pipeline.Model`
+        used as they are; the protocol sets the sizes) or a :class:`~gem_jax.loading.Model`
         (wrapped in a GEM with the protocol's template).
       dataset: from :mod:`gem_jax.eval.datasets`.
       protocol: a :class:`~gem_jax.eval.protocols.Protocol` or its name.

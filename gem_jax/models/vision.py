@@ -17,7 +17,7 @@ class VisionTransformer(nn.Module):
     ``__call__`` returns ``(tokens, intermediates)``: all tokens after ``ln_post @ proj``
     (B, 1 + h*w, embed_dim), and a dict with the input of every block
     (``"block_00"``, ...) and the encoder output (``"encoded"``). The GEM path
-    (:mod:`gem_jax.gem`) calls the finer methods below instead.
+    (:mod:`gem_jax.engine.tower`) calls the finer methods below instead.
 
     Attributes:
       config: the tower's architecture.
