@@ -70,7 +70,8 @@ MODEL_NAMES = ("ViT-B/16:openai", "ViT-B/16-quickgelu:metaclip_400m")
 FLAG_VALUES = {"--size": SIZE, "--short-side": SIZE, "--arch": "tiny-bench", "--random": "tiny-test",
                "--rounds": "1", "--images": "4", "--port": "{port}"}
 #: Text replaced in python blocks (the model names too, and the demo's address by the one it runs at).
-PYTHON_TEXT = {"layers=6": f"layers={LAYERS}", "size=448": f"size={SIZE}", "http://127.0.0.1:7860/": "{url}"}
+PYTHON_TEXT = {"layers=6": f"layers={LAYERS}", "size=448": f"size={SIZE}", 'size="448"': f'size="{SIZE}"',
+               "http://127.0.0.1:7860/": "{url}"}
 
 
 # ----------------------------------------------------------------------------- reading the documents
