@@ -216,10 +216,12 @@ class GEM:
         """L2-normalised text embeddings (P, D) of ``prompts`` under the template(s).
 
         Each distinct prompt is encoded once per object (and, with ``text_cache``, once
-        per machine)."""
+        per machine). A prompt longer than the model's context is cut, with a
+        :class:`~gem_jax.checks.PromptTruncatedWarning`."""
         prompts = list(prompts)
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_memory]
         if todo:
+            checks.warn_truncated(self.model.tokenizer, todo, self.templates)  # once per prompt
             found = self._text_disk.get(self, todo) if self._text_disk is not None else {}
             self._text_memory.update(found)
             rest = [p for p in todo if p not in found]
@@ -352,7 +354,6 @@ class GEM:
         sets = checks.prompt_sets(prompts, len(images))
         sizes = [self.input_size(im, size, short_side) for im in images]
         distinct = list(dict.fromkeys(p for s in sets for p in s))
-        checks.warn_truncated(self.model.tokenizer, distinct, self.templates)
         table = dict(zip(distinct, self.embed_text(distinct)))
         p_bucket = bucket(min(max(len(s) for s in sets), PROMPT_CHUNK), 8)
 

@@ -116,3 +116,20 @@ def test_bench_pipeline_reports_every_input_path(tmp_path):
     assert "| stream_thread |" in bench.format_pipeline(result)
     code, _, err = run_cli("--pipeline", "--batch", "2", "4")
     assert code == 2 and "one --batch" in err
+
+
+def test_vocabulary_bench_reports_prompt_counts_and_the_text_side(monkeypatch, tmp_path):
+    """The vocabulary case list on a tiny architecture (no timing asserted): every prompt count,
+    the text side first and from the cache, the cache equal to the first run."""
+    from gem_jax.config import ARCHITECTURES
+    from tiny import TINY
+
+    monkeypatch.setitem(ARCHITECTURES, "Tiny-8", TINY)
+    monkeypatch.setenv("GEM_JAX_CACHE", str(tmp_path))
+    result = bench.vocabulary("Tiny-8", 32, 2, (8, 40), rounds=1, progress=False, classes=("cat", "dog"))
+    assert [c["prompts"] for c in result["image_side"]] == [8, 40]
+    assert result["image_side"][0]["vs_first"] == 1.0
+    text = result["text_side"]
+    assert text["texts"] == 2 * 80 and text["cached_equal"] is True and text["cached_s"] >= 0
+    table = bench.format_vocabulary(result)
+    assert "| 40 |" in table and "from the cache" in table

@@ -14,11 +14,13 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 from gem_jax import __version__
 from gem_jax.cli import batch, bench, demo, export, models, segment
 from gem_jax.cli import eval as eval_command
 from gem_jax.cli.common import EXIT_RUNTIME, EXIT_USAGE, Parser, RuntimeFailure, UsageError, add_common_flags
+from gem_jax.checks import PromptTruncatedWarning
 from gem_jax.progress import Terminated
 
 COMMANDS = ("segment", "batch", "export", "models", "convert", "eval", "bench", "demo")
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
         parser.print_usage(sys.stderr)
         print(f"gem-jax: error: give a command: {', '.join(COMMANDS)} (see gem-jax --help)", file=sys.stderr)
         return EXIT_USAGE
+    # The commands say which prompts are cut in their own notes (checks.vet), not as Python warnings.
+    warnings.filterwarnings("ignore", category=PromptTruncatedWarning)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
