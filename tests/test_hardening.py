@@ -452,7 +452,7 @@ def test_many_prompts_go_in_chunks_with_the_same_results(tiny_model, monkeypatch
     gem = gem_jax.GEM(model, layers=1, size=32)
     widths, towers = [], []
     real, real_tokens = gem.maps, gem.tokens
-    gem.maps = lambda tokens, text, mask: (widths.append(text.shape[1]), real(tokens, text, mask))[1]
+    gem.maps = lambda tokens, text, mask, stats=None: (widths.append(text.shape[1]), real(tokens, text, mask, stats))[1]
     gem.tokens = lambda pixels: (towers.append(pixels.shape[0]), real_tokens(pixels))[1]
     chunked = gem.heatmaps([image, image], [prompts, prompts[:5]])
     assert set(widths) == {8} and len(widths) == 3  # 21 prompts: three calls of 8, never all at once
