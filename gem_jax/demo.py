@@ -287,11 +287,14 @@ class Demo:
         raise DemoError(f"Unknown model {choice!r}; pick one from the list.")
 
     def model_choices(self) -> list[str]:
-        """The model given at start, then every registry model already converted on this machine."""
+        """The model given at start, then every registry model already converted on this machine
+        and the models that ship with gem-jax."""
         names = [self.initial]
         for name in checkpoints.available_models():
             try:
-                if name != self.initial and checkpoints.is_converted(name):
+                entry = checkpoints.get_entry(name)
+                present = entry.package_dir().is_dir() if entry.packaged else checkpoints.is_converted(name)
+                if name != self.initial and present:
                     names.append(name)
             except OSError:
                 continue

@@ -63,8 +63,11 @@ def is_converted(name: str) -> bool:
 
 def local_state(name: str) -> str:
     """What :func:`local_dir` holds for a registry model: ``"converted"`` (a native copy),
-    ``"original"`` (its weights file in the published layout, read as is) or ``"missing"``."""
+    ``"original"`` (its weights file in the published layout, read as is) or ``"missing"``;
+    ``"packaged"`` for a model that ships inside gem-jax."""
     entry = get_entry(name)
+    if entry.packaged is not None:
+        return "packaged"
     local = weights_dir() / entry.local_name
     if is_native(local):
         return "converted"
@@ -209,6 +212,8 @@ def convert_random(arch: str, out, *, seed: int = 0, force: bool = False) -> pat
 
 
 def _resolve_entry(entry: ModelEntry, offline: bool, activation) -> Checkpoint:
+    if entry.packaged is not None:  # ships inside the package: read where it is
+        return read_checkpoint(entry.package_dir(), activation)
     local = weights_dir() / entry.local_name
     if local.is_dir() and any(local.iterdir()):
         return _read_local(entry, local, activation)

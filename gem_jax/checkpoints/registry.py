@@ -38,6 +38,8 @@ class ModelEntry:
       fallback_filename: a PyTorch weights file used when ``filename`` is absent (needs torch).
       config_filename: the config file in ``hub_repo``.
       url: where the original release file is published.
+      packaged: for a model that ships inside gem-jax (``toy``), its folder under
+        ``gem_jax/data``; it loads from there, with no download.
     """
 
     name: str
@@ -50,12 +52,22 @@ class ModelEntry:
     fallback_filename: str | None = None
     config_filename: str | None = None
     url: str | None = None
+    packaged: str | None = None
 
     @property
     def local_name(self) -> str:
         """Directory name of the converted copy: "ViT-B/16:openai" -> "ViT-B-16.openai"."""
-        model, tag = self.name.split(":", 1)
-        return f"{model.replace('/', '-')}.{tag}"
+        model, _, tag = self.name.partition(":")
+        return f"{model.replace('/', '-')}.{tag}" if tag else model.replace("/", "-")
+
+    def package_dir(self):
+        """The folder of a packaged model (``None`` for the others)."""
+        if self.packaged is None:
+            return None
+        import importlib.resources
+        import pathlib
+
+        return pathlib.Path(str(importlib.resources.files("gem_jax").joinpath("data", self.packaged)))
 
 
 def _hub(name, arch, tag, repo, layout, activation, url=None):
@@ -122,6 +134,10 @@ _ENTRIES = [
          "transformers", "quick_gelu",
          f"{_OAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt"),
 ]
+
+# Ships inside the package: a tiny CLIP gem-jax trained on synthetic scenes (docs/TOY_MODEL.md).
+_ENTRIES.append(ModelEntry("toy", "toy", "gem-jax", None, "openclip", "quick_gelu", "model.safetensors",
+                           packaged="toy"))
 
 #: The registry, by name.
 MODELS: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}

@@ -137,12 +137,15 @@ def peek_model(name: str | None) -> tuple[int | None, dict]:
     (registry names, native directories); (None, {}) otherwise."""
     try:
         path = pathlib.Path(name).expanduser() if name else None
+        if name and (path is None or not path.exists()) and checkpoints.canonical_name(name):
+            entry = checkpoints.get_entry(name)
+            path = entry.package_dir() or path
         if path is not None and path.is_dir() and (path / "config.json").is_file():
             doc = json.loads((path / "config.json").read_text(encoding="utf-8"))
             defaults = doc.get("defaults") if isinstance(doc.get("defaults"), dict) else {}
             return CLIPConfig.from_dict(doc["clip"]).vision.layers, defaults
         entry = checkpoints.get_entry(name or checkpoints.DEFAULT_MODEL)
-        return architecture(entry.architecture).vision.layers, dict(getattr(entry, "defaults", None) or {})
+        return architecture(entry.architecture).vision.layers, {}
     except Exception:  # anything else is checked once the model is loaded
         return None, {}
 
