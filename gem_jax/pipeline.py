@@ -166,7 +166,6 @@ class GEM:
         #: The image tower's parameters, replicated over the devices.
         self.visual_params = jax.device_put(model.params["visual"], replicated)
         vit = VisionTransformer(model.config.vision, model.config.embed_dim, dtype=compute)
-        self._vit = vit
         # CLIP Surgery's single-prompt case subtracts the empty prompt's embedding.
         self._surgery = jnp.asarray(self.embed_text([""])[0]) if self.feature_surgery else None
 
