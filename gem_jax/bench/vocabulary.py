@@ -20,6 +20,7 @@ import numpy as np
 from gem_jax.bench.model import PeakRSS, cpu_name, reference_model, sayer
 from gem_jax.config import architecture
 from gem_jax.loading import Model
+from gem_jax.engine import get_method
 from gem_jax.models import init_params
 from gem_jax.pipeline import GEM
 from gem_jax.text import imagenet_templates
@@ -64,7 +65,9 @@ def vocabulary(arch: str = "ViT-B-32", size: int | tuple[int, int] = 224, batch:
     rng = np.random.default_rng(0)
     hw = (size, size) if isinstance(size, int) else tuple(size)
     images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for _ in range(batch)]
-    gem = GEM(model, size=hw, batch_size=batch, text_cache=False, memory_limit=None)
+    # GEM's default blocks, or every block of an architecture with fewer
+    layers = min(get_method("gem").blocks, config.vision.layers)
+    gem = GEM(model, size=hw, batch_size=batch, layers=layers, text_cache=False, memory_limit=None)
     result = {"arch": arch, "size": list(hw), "batch": batch, "rounds": rounds, "image_side": [],
               "machine": {"processor": cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                           "backend": jax.default_backend(),
@@ -87,18 +90,18 @@ def vocabulary(arch: str = "ViT-B-32", size: int | tuple[int, int] = 224, batch:
     text = {"classes": len(classes), "templates": len(imagenet_templates()), "texts": len(texts)}
     cache = tempfile.mkdtemp(prefix="gem-jax-bench-text-")
     try:
-        first = GEM(model, template="imagenet", text_cache=cache, memory_limit=None)
+        first = GEM(model, layers=layers, template="imagenet", text_cache=cache, memory_limit=None)
         first.embed_text(classes[:1])  # compile the text tower
-        first = GEM(model, template="imagenet", text_cache=cache, memory_limit=None)
+        first = GEM(model, layers=layers, template="imagenet", text_cache=cache, memory_limit=None)
         t = time.perf_counter()
         ours = first.embed_text(list(classes))
         text["gem_jax_s"] = time.perf_counter() - t
-        second = GEM(model, template="imagenet", text_cache=cache, memory_limit=None)
+        second = GEM(model, layers=layers, template="imagenet", text_cache=cache, memory_limit=None)
         t = time.perf_counter()
         cached = second.embed_text(list(classes))
         text["cached_s"] = time.perf_counter() - t
         text["cached_equal"] = bool(np.array_equal(ours, cached))
-        single = GEM(model, text_cache=False, memory_limit=None)
+        single = GEM(model, layers=layers, text_cache=False, memory_limit=None)
         t = time.perf_counter()
         single.embed_text(list(classes))
         text["one_template_s"] = time.perf_counter() - t
