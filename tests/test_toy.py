@@ -118,3 +118,94 @@ def test_toy_vocabulary_round_trip(tmp_path):
     assert _decode(tok, tok(odd)[0]) == odd
     # the same ids as the in-memory tokenizer
     assert np.array_equal(tok([longest, odd]), vocab.tokenizer()([longest, odd]))
+
+
+# ----------------------------------------------------------------------------- training
+
+_TINY_RECIPE = {"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
+                "text_width": 32, "text_layers": 1, "text_heads": 2, "embed_dim": 16, "batch_size": 8,
+                "steps": 60, "warmup_steps": 10}
+
+
+def _train_cmd(out, recipe_file, *extra):
+    return [sys.executable, "-m", "gem_jax.toy.command", "--out", str(out), "--recipe", str(recipe_file),
+            "--no-progress", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def _weights(d):
+    from safetensors.numpy import load_file
+
+    return load_file(str(pathlib.Path(d) / "model.safetensors"))
+
+
+def test_train_command_resumes_after_kill_9_to_the_uninterrupted_result(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(_TINY_RECIPE))
+    env = _env()
+    # uninterrupted
+    whole = tmp_path / "whole"
+    done = subprocess.run(_train_cmd(whole, recipe, "--save-every", "1000"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # killed with SIGKILL as soon as a state has been saved, then resumed
+    cut = tmp_path / "cut"
+    state = cut.with_name("cut.state.npz")
+    proc = subprocess.Popen(_train_cmd(cut, recipe, "--save-every", "3"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert state.exists() and not (cut / "model.safetensors").exists()
+    with np.load(state) as z:
+        killed_at = int(z["step"])
+    assert 0 < killed_at < _TINY_RECIPE["steps"]
+    again = subprocess.run(_train_cmd(cut, recipe, "--save-every", "3"), env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from step" in again.stderr and "resumed from step" in again.stderr
+    assert not state.exists(), "the state file outlived the finished run"
+    a, b = _weights(whole), _weights(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # the model is gem-jax's native format, with its recipe and recommended settings
+    cfg = json.loads((cut / "config.json").read_text())
+    assert cfg["format"] == "gem-jax" and cfg["toy"]["steps"] == _TINY_RECIPE["steps"]
+    assert cfg["defaults"]["method"] == "gem" and cfg["defaults"]["size"] == 32
+    # a finished run says so and does nothing
+    third = subprocess.run(_train_cmd(cut, recipe), env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "already trained" in third.stderr
+    assert np.array_equal(_weights(cut)["visual/proj"], b["visual/proj"])
+
+
+def test_train_command_refuses_a_foreign_directory_and_bad_recipes(tmp_path, capsys):
+    import argparse
+
+    from gem_jax.toy import command
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="cmd"))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"x")
+    assert command.run(parser.parse_args(["train-toy", "--out", str(foreign)])) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"widthh": 3}')
+    assert command.run(parser.parse_args(["train-toy", "--out", str(tmp_path / "m"), "--recipe", str(bad)])) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe fields" in err and "Traceback" not in err
+    assert (foreign / "cat.jpg").exists() and not (tmp_path / "m").exists()

@@ -606,6 +606,14 @@ def openimages(root, split: str = "val") -> Dataset:
                    tuple(samples))
 
 
+def toy(root, split: str = "val") -> Dataset:
+    """gem-jax's synthetic toy scenes in VOC's layout (:mod:`gem_jax.toy.dataset` writes them):
+    35 classes, the 5 backgrounds and the 30 object phrases; every pixel has a class."""
+    from gem_jax.toy.dataset import read
+
+    return read(root, split)
+
+
 #: Dataset readers by name.
 READERS: dict[str, Callable[..., Dataset]] = {
     "voc": voc,
@@ -617,6 +625,7 @@ READERS: dict[str, Callable[..., Dataset]] = {
     "coco_object": coco_object,
     "cityscapes": cityscapes,
     "openimages": openimages,
+    "toy": toy,
 }
 
 
