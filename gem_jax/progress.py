@@ -85,6 +85,7 @@ class _Bar:
         self.next_log = initial + progress.log_every
         self.last_log = self.start
         self.tqdm = None
+        self.extra = ""
         if not progress.quiet and progress.interactive:
             from tqdm.auto import tqdm
 
@@ -113,7 +114,15 @@ class _Bar:
             elapsed = now - self.start
             rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            self.p.say(f"{self.done}/{self.total} {self.unit}s, {rate:.1f} {self.unit}s/s, ETA {_duration(eta)}")
+            extra = f", {self.extra}" if self.extra else ""
+            self.p.say(f"{self.done}/{self.total} {self.unit}s, {rate:.1f} {self.unit}s/s, ETA {_duration(eta)}{extra}")
+
+    def postfix(self, text: str) -> None:
+        """Figures shown after the count (a loss, a rate): at the bar's end on a terminal, at the
+        end of each log line elsewhere. Set it before :meth:`update`."""
+        self.extra = text
+        if self.tqdm is not None:
+            self.tqdm.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         if self.tqdm is not None:

@@ -216,10 +216,11 @@ def test_demo_object_compiles_once_per_shape_and_relabels_without_the_model(env,
     monkeypatch.setenv("GEM_JAX_WEIGHTS", str(weights))
     demo = Demo(str(env["model"]))
     try:
-        assert demo.startup_error is None and demo.model_choices() == [str(env["model"])]
+        # the models that ship inside gem-jax are always listed
+        assert demo.startup_error is None and demo.model_choices() == [str(env["model"]), "toy"]
         # A registry model converted on this machine joins the list; a broken one says why.
         save_native(weights / "ViT-B-32.openai", TINY, init_params(TINY, seed=1))
-        assert demo.model_choices() == [str(env["model"]), "ViT-B/32:openai"]
+        assert demo.model_choices() == [str(env["model"]), "ViT-B/32:openai", "toy"]
         with pytest.raises(DemoError, match="ViT-B"):
             demo.model("ViT-B/32:openai")  # the tiny model is not a ViT-B/32
         with pytest.raises(DemoError, match="pick one from the list"):

@@ -102,12 +102,12 @@ def check_target(target: pathlib.Path, force: bool) -> None:
         raise FileExistsError(f"{target} exists and is not a directory")
     if not target.is_dir() or not any(target.iterdir()):
         return
-    _check_replaceable(target)  # a directory gem-jax did not write is never offered for --force
+    check_replaceable(target)  # a directory gem-jax did not write is never offered for --force
     if not force:
         raise FileExistsError(f"{target} already exists (a gem-jax checkpoint); pass --force to replace it")
 
 
-def _check_replaceable(target: pathlib.Path) -> None:
+def check_replaceable(target: pathlib.Path) -> None:
     """Refuses to replace anything but a native checkpoint directory holding only our files."""
     cwd = pathlib.Path.cwd().resolve()
     real = target.resolve()

@@ -136,7 +136,7 @@ _ENTRIES = [
 ]
 
 # Ships inside the package: a tiny CLIP gem-jax trained on synthetic scenes (docs/TOY_MODEL.md).
-_ENTRIES.append(ModelEntry("toy", "toy", "gem-jax", None, "openclip", "quick_gelu", "model.safetensors",
+_ENTRIES.append(ModelEntry("toy", "toy", "gem-jax", None, "openclip", "gelu", "model.safetensors",
                            packaged="toy"))
 
 #: The registry, by name.

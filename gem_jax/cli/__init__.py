@@ -17,13 +17,13 @@ import traceback
 import warnings
 
 from gem_jax import __version__
-from gem_jax.cli import batch, bench, demo, export, models, segment
+from gem_jax.cli import batch, bench, demo, export, models, segment, toy
 from gem_jax.cli import eval as eval_command
 from gem_jax.cli.common import EXIT_RUNTIME, EXIT_USAGE, Parser, RuntimeFailure, UsageError, add_common_flags
 from gem_jax.checks import PromptTruncatedWarning
 from gem_jax.progress import Terminated
 
-COMMANDS = ("segment", "batch", "export", "models", "convert", "eval", "bench", "demo")
+COMMANDS = ("segment", "batch", "export", "models", "convert", "eval", "bench", "demo", "train-toy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.add_parser(sub, parents)
     bench.add_parser(sub, parents)
     demo.add_parser(sub, parents)
+    toy.add_parser(sub, parents)
     return parser
 
 

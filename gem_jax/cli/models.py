@@ -52,6 +52,8 @@ def run_models(args) -> int:
     root = checkpoints.weights_dir()
     print(f"\nlocal copies live in {root}/<name>, e.g. {checkpoints.local_dir(checkpoints.DEFAULT_MODEL).name}; "
           "\"original files\" load as they are, `gem-jax convert NAME` makes the faster native copy")
+    print("toy: a tiny CLIP gem-jax trained on synthetic scenes, inside the package (no download); not CLIP, "
+          "its model card is docs/TOY_MODEL.md")
     others = checkpoints.local_folders()
     if others:
         print(f"\nother model folders in {root} (load them with --model PATH):")

@@ -25,7 +25,7 @@ def add_parser(sub, parents) -> None:
                                      "with --classes a colour label map with a legend. File names carry the "
                                      "method, so several methods can share one --out.")
     seg.add_argument("images", nargs="*", metavar="IMAGE", help="image files, directories or glob patterns")
-    seg.add_argument("--example", action="store_true", help="use the bundled example image (a cat)")
+    seg.add_argument("--example", action="store_true", help="use the bundled example image (a cat; with --model toy, a toy scene)")
     seg.add_argument("-p", "--prompt", dest="prompts", action="extend", nargs="+", default=[], metavar="PROMPT",
                      help="text to localise; repeat or list several")
     seg.add_argument("--classes", nargs="+", metavar="CLASS", help="class names for a label map")
@@ -95,7 +95,7 @@ def run(args) -> int:
     if args.example:
         from gem_jax.loading import example_image_path
 
-        paths = checks.unique_real_paths([*paths, example_image_path()])
+        paths = checks.unique_real_paths([*paths, example_image_path(args.model)])
     out_dir = pathlib.Path(args.out)
     plans = outputs.plan_outputs(paths, prompts, classes, out_dir, method.name)
     _check_outputs(args, plans, out_dir)

@@ -372,8 +372,13 @@ def _root(root) -> pathlib.Path:
 # ----------------------------------------------------------------------------- readers
 
 
-def _voc_like(name, root, split, image_dir, label_dir, split_dir, classes, prompts, background, *,
-              reduce_zero_label, palette=None, what) -> Dataset:
+def voc_like(name, root, split, image_dir, label_dir, split_dir, classes, prompts, background, *,
+             reduce_zero_label, palette=None, what) -> Dataset:
+    """A dataset in PASCAL VOC's layout under ``root``: ``image_dir/<id>.jpg`` and
+    ``label_dir/<id>.png`` for the ids listed in ``split_dir/<split>.txt``; ``classes`` and
+    their ``prompts``, the ``background`` class name (or ``None``), whether label 0 is dropped
+    (``reduce_zero_label``), the label ``palette`` of colour PNGs, and ``what`` the files are
+    called in error messages."""
     root = _root(root)
     images = _dir(root / image_dir, f"{what} images")
     labels = _dir(root / label_dir, f"{what} annotations")
@@ -391,7 +396,7 @@ def voc(root, split: str = "val") -> Dataset:
     ``SegmentationClass/<id>.png`` (palette PNGs, checked against the VOC colour map),
     ``ImageSets/Segmentation/<split>.txt``.
     """
-    return _voc_like("voc", root, split, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation",
+    return voc_like("voc", root, split, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation",
                      VOC_CLASSES, _prompts(VOC_CLASSES, _VOC_PROMPTS), 0, reduce_zero_label=False,
                      palette=voc_palette(), what="PASCAL VOC")
 
@@ -400,7 +405,7 @@ def voc20(root, split: str = "val") -> Dataset:
     """PASCAL VOC 2012 without background: the 20 object classes; background pixels are
     ignored (mmseg's ``reduce_zero_label``). Same layout as :func:`voc`."""
     classes = VOC_CLASSES[1:]
-    return _voc_like("voc20", root, split, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation",
+    return voc_like("voc20", root, split, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation",
                      classes, _prompts(classes, _VOC_PROMPTS), None, reduce_zero_label=True,
                      palette=voc_palette(), what="PASCAL VOC")
 
@@ -414,7 +419,7 @@ def context59(root, split: str = "val") -> Dataset:
     classes ("background"). The 59-class benchmark uses ``reduce_zero_label``: raw 0
     becomes 255 (ignored) and raw k becomes class k - 1; raw 255 stays ignored.
     """
-    return _voc_like("context", root, split, "JPEGImages", "SegmentationClassContext",
+    return voc_like("context", root, split, "JPEGImages", "SegmentationClassContext",
                      "ImageSets/SegmentationContext", CONTEXT59_CLASSES,
                      _prompts(CONTEXT59_CLASSES, _CONTEXT_PROMPTS), None, reduce_zero_label=True,
                      what="PASCAL Context")
@@ -424,7 +429,7 @@ def context60(root, split: str = "val") -> Dataset:
     """PASCAL Context with background, 60 classes: raw values are used as they are
     (0 is background, 1..59 the classes of :func:`context59`, 255 ignored). Same layout."""
     classes = ("background",) + CONTEXT59_CLASSES
-    return _voc_like("context60", root, split, "JPEGImages", "SegmentationClassContext",
+    return voc_like("context60", root, split, "JPEGImages", "SegmentationClassContext",
                      "ImageSets/SegmentationContext", classes, _prompts(classes, _CONTEXT_PROMPTS), 0,
                      reduce_zero_label=False, what="PASCAL Context")
 
@@ -606,6 +611,18 @@ def openimages(root, split: str = "val") -> Dataset:
                    tuple(samples))
 
 
+def toy(root, split: str = "val") -> Dataset:
+    """gem-jax's synthetic toy scenes in VOC's layout (:func:`gem_jax.toy.dataset.write` writes
+    them): 35 classes, the 5 backgrounds and the 30 object phrases, each prompted by its name;
+    every pixel has a class (no background class)."""
+    from gem_jax.toy.scenes import class_names
+
+    names = class_names()
+    return voc_like("toy", root, split, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation", names,
+                    tuple((n,) for n in names), None, reduce_zero_label=False, palette=voc_palette(),
+                    what="toy scenes")
+
+
 #: Dataset readers by name.
 READERS: dict[str, Callable[..., Dataset]] = {
     "voc": voc,
@@ -617,6 +634,7 @@ READERS: dict[str, Callable[..., Dataset]] = {
     "coco_object": coco_object,
     "cityscapes": cityscapes,
     "openimages": openimages,
+    "toy": toy,
 }
 
 

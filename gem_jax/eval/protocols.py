@@ -156,6 +156,8 @@ GEM_PROTOCOL = Protocol(
     template=DEFAULT_TEMPLATE,
     logit_scale=LOGIT_SCALE,
     background_threshold=0.85,
+    # The toy scenes (docs/TOY_MODEL.md): the toy model's input size and prompt template.
+    overrides={"toy": {"short_side": 64, "template": "a {}"}},
 )
 
 # The settings below are read from each official repository's per-dataset configs
