@@ -295,10 +295,16 @@ def parity(request):
         ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
         assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
         diff = float(np.max(np.abs(ours - reference)))
-        _PARITY.append((request.node.nodeid.split("::", 1)[-1], what, diff))
+        # carried by the test's report, so the summary has it with pytest-xdist workers too
+        request.node.user_properties.append(("parity", (request.node.nodeid.split("::", 1)[-1], what, diff)))
         return diff
 
     return record
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _PARITY.extend(tuple(value) for key, value in report.user_properties if key == "parity")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -317,8 +323,14 @@ def _private_caches(tmp_path_factory):
     import os
 
     root = tmp_path_factory.mktemp("gem-jax-cache")
-    old = {k: os.environ.get(k) for k in ("GEM_JAX_CACHE",)}
+    old = {k: os.environ.get(k) for k in ("GEM_JAX_CACHE", "GEM_JAX_COMPILE_CACHE")}
     os.environ["GEM_JAX_CACHE"] = str(root)
+    # One XLA compilation cache for the run, in-process and for the commands tests start
+    # (unless a test names its own): the same small programs compile once, not per test.
+    os.environ["GEM_JAX_COMPILE_CACHE"] = str(root / "xla")
+    from gem_jax.cli.common import enable_compile_cache
+
+    enable_compile_cache(str(root / "xla"))
     yield root
     for k, v in old.items():
         if v is None:

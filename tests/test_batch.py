@@ -22,14 +22,13 @@ from PIL import Image
 
 from gem_jax import batch
 from gem_jax.batch import inputs as inputs_lib
-from gem_jax.checkpoints import save_native
 from gem_jax.models import init_params
 from gem_jax.progress import Progress
 from gem_jax.loading import Model
 from gem_jax.pipeline import GEM
 from gem_jax.postprocess import labels_from_logits
 from gem_jax.tokenizer import Tokenizer
-from tiny import TINY
+from tiny import TINY, save_tiny
 
 PROMPTS = ["cat", "dog", "a red car"]
 QUIET = Progress("batch", quiet=True)
@@ -48,7 +47,7 @@ def write_image(path, h, w, seed, fmt=None):
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     model = root / "tiny-model"
-    save_native(model, TINY, init_params(TINY, seed=3))
+    save_tiny(model, seed=3)
     images = root / "images"
     for i in range(N_IMAGES):
         sub = images / ("b" if i % 3 == 0 else "a") / ("deep" if i % 5 == 0 else "")

@@ -22,10 +22,9 @@ from PIL import Image
 import gem_jax
 from gem_jax import batch
 from gem_jax.batch import store
-from gem_jax.checkpoints import save_native
 from gem_jax.models import init_params
 from gem_jax.progress import Progress
-from tiny import TINY
+from tiny import TINY, save_tiny
 
 PROMPTS = ["cat", "dog", "a red car"]
 QUIET = Progress("batch", quiet=True)
@@ -40,7 +39,7 @@ def write_image(path, h=36, w=44, seed=0):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("m") / "tiny"
-    save_native(d, TINY, init_params(TINY, seed=2))
+    save_tiny(d, seed=2)
     return d
 
 

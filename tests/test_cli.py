@@ -11,17 +11,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
-from gem_jax.checkpoints import save_native
-from gem_jax.models import init_params
-from tiny import TINY
+from tiny import TINY, save_tiny
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = root / "tiny-model"
-    save_native(model, TINY, init_params(TINY, seed=3))
+    save_tiny(model, seed=3)
     e = dict(os.environ, GEM_JAX_WEIGHTS=str(root / "weights"), GEM_JAX_COMPILE_CACHE=str(root / "xla"),
              HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     return {"root": root, "model": str(model), "env": e}

@@ -5,7 +5,6 @@ does not have is refused alike in the command line, the API and the demo."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -13,18 +12,16 @@ from PIL import Image
 
 import gem_jax
 from gem_jax import batch, export
-from gem_jax.checkpoints import save_native
 from gem_jax.engine.methods import builtin_names, get_method
 from gem_jax.eval import datasets, runner
-from gem_jax.models import init_params
 from gem_jax.progress import Progress
-from tiny import TINY
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("m") / "tiny"
-    save_native(d, TINY, init_params(TINY, seed=6))
+    save_tiny(d, seed=6)
     return d
 
 

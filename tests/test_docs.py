@@ -371,17 +371,15 @@ class Runner:
         import dataclasses as dc
 
         from gem_jax import config
-        from gem_jax.checkpoints import save_native
         from gem_jax.cli.common import enable_compile_cache
         from gem_jax.eval import protocols
-        from gem_jax.models import init_params
-        from tiny import TINY
+        from tiny import TINY, save_tiny
 
         self.work = work
         self.cache = str(work / "xla")
         enable_compile_cache(self.cache)  # before anything compiles: every command shares it
         self.model = str(work / "tiny-model")
-        save_native(self.model, TINY, init_params(TINY, seed=0), metadata={"random_weights": True})
+        save_tiny(self.model, seed=0, random_weights=True)
         # what convert --random and bench --arch name: the tiny CLIP, and for bench (whose GEM has
         # its default six layers) the same with six vision blocks
         config.ARCHITECTURES["tiny-test"] = TINY

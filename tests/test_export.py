@@ -12,10 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
-from gem_jax.checkpoints import save_native
-from gem_jax.models import init_params
-from tiny import TINY
+from tiny import save_tiny
 
 
 pytest.importorskip("flatbuffers")  # jax.export serialization needs it
@@ -25,7 +22,7 @@ pytest.importorskip("flatbuffers")  # jax.export serialization needs it
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = root / "tiny-model"
-    save_native(model, TINY, init_params(TINY, seed=3))
+    save_tiny(model, seed=3)
     e = dict(os.environ, GEM_JAX_WEIGHTS=str(root / "weights"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     return {"root": root, "model": str(model), "env": e}
 

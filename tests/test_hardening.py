@@ -13,13 +13,13 @@ from PIL import Image
 from gem_jax import cli
 from gem_jax.checkpoints import save_native
 from gem_jax.models import init_params
-from tiny import TINY
+from tiny import TINY, save_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny"
-    save_native(path, TINY, init_params(TINY, seed=3))
+    save_tiny(path, seed=3)
     return path
 
 

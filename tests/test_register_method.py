@@ -19,11 +19,9 @@ import gem_jax
 from gem_jax import bench
 from gem_jax.engine import cost
 from gem_jax.engine.attention import AttentionBase, map_heads
-from gem_jax.checkpoints import save_native
 from gem_jax.config import architecture
-from gem_jax.models import init_params
 from gem_jax.models.layers import softmax_attention
-from tiny import TINY
+from tiny import save_tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +52,7 @@ def registered():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("model") / "tiny"
-    save_native(d, TINY, init_params(TINY, seed=4))
+    save_tiny(d, seed=4)
     return d
 
 

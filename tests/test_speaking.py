@@ -18,16 +18,14 @@ import pytest
 from PIL import Image
 
 from gem_jax import __version__
-from gem_jax.checkpoints import save_native
-from gem_jax.models import init_params
-from tiny import TINY
+from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("speak")
     model = root / "tiny"
-    save_native(model, TINY, init_params(TINY, seed=3))
+    save_tiny(model, seed=3)
     images = root / "imgs"
     images.mkdir()
     for i in range(6):
@@ -118,8 +116,8 @@ def test_version(env):
 
 def test_models_lists_every_folder_in_weights(env):
     weights = pathlib.Path(env["env"]["GEM_JAX_WEIGHTS"])
-    save_native(weights / "random-b16", TINY, init_params(TINY, seed=1), metadata={"random_weights": True})
-    save_native(weights / "my-finetune", TINY, init_params(TINY, seed=2))
+    save_tiny(weights / "random-b16", seed=1, random_weights=True)
+    save_tiny(weights / "my-finetune", seed=2)
     (weights / "downloads").mkdir(parents=True)
     (weights / "downloads" / "model.safetensors").write_bytes(b"")
     proc = subprocess.run([sys.executable, "-m", "gem_jax.cli", "models"], env=env["env"], capture_output=True,
@@ -141,7 +139,7 @@ def test_titles_name_the_method_and_the_model(env, tmp_path, monkeypatch):
         monkeypatch.setattr(visualize, name, lambda *a, _real=real, **k: (titles.append(k.get("title")),
                                                                           _real(*a, **k))[1])
     random_model = tmp_path / "rnd"
-    save_native(random_model, TINY, init_params(TINY, seed=4), metadata={"random_weights": True})
+    save_tiny(random_model, seed=4, random_weights=True)
     out = tmp_path / "o"
     for model in (env["model"], random_model):
         code = main(["segment", str(env["images"] / "im0.png"), "-p", "cat", "--classes", "cat", "dog", "--model",

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 
-from gem_jax import toy
 from gem_jax.toy import scenes, vocab
 
 # ----------------------------------------------------------------------------- scenes
@@ -175,7 +174,7 @@ def test_train_command_resumes_after_kill_9_to_the_uninterrupted_result(tmp_path
     again = subprocess.run(_train_cmd(cut, recipe, "--save-every", "3"), env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"resuming from step" in again.stderr and "resumed from step" in again.stderr
+    assert "resuming from step" in again.stderr and "resumed from step" in again.stderr
     assert not state.exists(), "the state file outlived the finished run"
     a, b = _weights(whole), _weights(cut)
     assert a.keys() == b.keys()

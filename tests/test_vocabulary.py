@@ -5,7 +5,6 @@ at the image's own size at ordinary cost."""
 from __future__ import annotations
 
 import os
-import pathlib
 import stat
 import subprocess
 import sys
@@ -18,12 +17,11 @@ import pytest
 
 import gem_jax
 from gem_jax import pipeline, postprocess, text, textcache
-from gem_jax.checkpoints import save_native
 from gem_jax.loading import Model
 from gem_jax.models import TextTransformer, init_params
 from gem_jax.models.layers import l2_normalize, resize_matrix
 from gem_jax.tokenizer import Tokenizer
-from tiny import TINY
+from tiny import TINY, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +123,7 @@ CACHE_RUN = textwrap.dedent("""
 
 def test_a_second_process_is_served_from_the_text_cache(tmp_path):
     model_dir = tmp_path / "m"
-    save_native(model_dir, TINY, init_params(TINY, seed=8))
+    save_tiny(model_dir, seed=8)
     env = dict(os.environ, GEM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     run = lambda cache: subprocess.run([sys.executable, "-c", CACHE_RUN, str(model_dir), cache], env=env,  # noqa
                                        capture_output=True, text=True, timeout=300)

@@ -8,3 +8,12 @@ TINY = CLIPConfig(
     text=TextConfig(width=32, layers=1, heads=2),
     embed_dim=32,
 )
+
+
+def save_tiny(directory, seed: int = 0, **metadata):
+    """TINY with the random weights of ``seed``, written as a native checkpoint at ``directory``
+    (``metadata``: extra ``config.json`` keys, such as ``random_weights=True``); returns its path."""
+    from gem_jax.checkpoints import save_native
+    from gem_jax.models import init_params
+
+    return save_native(directory, TINY, init_params(TINY, seed=seed), metadata=metadata or None)
