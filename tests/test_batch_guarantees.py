@@ -246,7 +246,7 @@ def test_prompts_and_classes_in_one_job(gem, images, tmp_path):
 
 
 def test_top_k_of_many_prompts_equals_the_top_of_the_full_logits(gem, images, tmp_path):
-    prompts = [f"thing {i}" for i in range(300)]
+    prompts = [f"thing {i}" for i in range(1000)]
     small = tmp_path / "few"
     small.mkdir()
     for f in sorted(images.iterdir())[:3]:

@@ -7,6 +7,7 @@ import json
 import pathlib
 
 from gem_jax import files
+from gem_jax.checkpoints.native import CONFIG_FILE, NotReplaceableError, check_replaceable, is_native
 from gem_jax.cli import argtypes
 from gem_jax.cli.common import EXIT_OK, UsageError, progress_of
 
@@ -33,7 +34,7 @@ def add_parser(sub, parents) -> None:
 
 
 def _recipe(args):
-    from gem_jax.toy import train
+    from gem_jax.toy import train  # jax and optax: loaded by this command only
 
     recipe = train.RECIPE
     if args.recipe:
@@ -57,8 +58,6 @@ def _recipe(args):
 
 def _finished(out: pathlib.Path):
     """The ``toy`` record of a finished model at ``out``, or None."""
-    from gem_jax.checkpoints.native import CONFIG_FILE, is_native
-
     if not is_native(out):
         return None
     try:
@@ -68,8 +67,7 @@ def _finished(out: pathlib.Path):
 
 
 def run(args) -> int:
-    from gem_jax.checkpoints.native import NotReplaceableError, check_replaceable
-    from gem_jax.toy import train
+    from gem_jax.toy import train  # jax and optax: loaded by this command only
 
     progress = progress_of(args, "train-toy")
     recipe = _recipe(args)

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from gem_jax import files
+from gem_jax.eval.datasets import voc_palette
 from gem_jax.toy import scenes as scenes_lib
 
 IMAGES, LABELS, SPLITS = "JPEGImages", "SegmentationClass", "ImageSets/Segmentation"
@@ -28,8 +30,6 @@ def write(root, seeds: Sequence[int], split: str = "val", size: int = scenes_lib
     Image ids are ``toy_<seed>``. Files are written whole and recorded as gem-jax's; one
     already there is replaced only if gem-jax wrote it (else :class:`gem_jax.files.OutputError`).
     """
-    from gem_jax import files
-    from gem_jax.eval.datasets import voc_palette
 
     root = pathlib.Path(root)
     for d in (IMAGES, LABELS, SPLITS):

@@ -17,10 +17,18 @@ and the ranks are exact even where the probabilities round to 1.
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from gem_jax.models import TextTransformer, VisionTransformer
+from gem_jax.models.layers import l2_normalize
+from gem_jax.pipeline import GEM
+from gem_jax.postprocess import resize_maps
+from gem_jax.preprocess import normalize
 from gem_jax.toy import scenes as scenes_lib
 
 #: The scenes of the model card's figures: seeds the model never saw (training scenes
@@ -89,11 +97,6 @@ def retrieval(image_emb: np.ndarray, text_emb: np.ndarray, contents: Sequence) -
 
 def image_embeddings(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """L2-normalised class-token embeddings (N, D) of uint8 images (N, S, S, 3) at their size."""
-    import jax
-
-    from gem_jax.models import VisionTransformer
-    from gem_jax.models.layers import l2_normalize
-    from gem_jax.preprocess import normalize
 
     cfg = model.config
     vit = VisionTransformer(cfg.vision, cfg.embed_dim)
@@ -110,10 +113,6 @@ def image_embeddings(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def text_embeddings(model, texts: Sequence[str]) -> np.ndarray:
     """L2-normalised embeddings (N, D) of ``texts`` as written (no template)."""
-    import jax
-
-    from gem_jax.models import TextTransformer
-    from gem_jax.models.layers import l2_normalize
 
     cfg = model.config
     tt = TextTransformer(cfg.text, cfg.embed_dim)
@@ -124,9 +123,6 @@ def text_embeddings(model, texts: Sequence[str]) -> np.ndarray:
 
 def stored_defaults(directory) -> dict:
     """The recommended GEM settings written in a native checkpoint's ``config.json`` (``"defaults"``)."""
-    import json
-    import pathlib
-
     doc = json.loads((pathlib.Path(directory) / "config.json").read_text("utf-8"))
     return dict(doc.get("defaults") or {})
 
@@ -152,7 +148,6 @@ def evaluate(model, seeds: Sequence[int] = HELD_OUT, method: str = "gem", *, sce
       ``{"method", "scenes", "objects", "pointing", "auroc", "text_to_image_top1",
       "image_to_text_top1", "options"}`` (retrieval keys only with ``retrieval_too``).
     """
-    from gem_jax.pipeline import GEM
 
     if scenes is None:
         scenes = scenes_lib.scenes(seeds)
@@ -168,8 +163,6 @@ def evaluate(model, seeds: Sequence[int] = HELD_OUT, method: str = "gem", *, sce
     for sc, logits in zip(scenes, out.logits):
         logits = np.asarray(logits)
         if logits.shape[-2:] != sc.image.shape[:2]:
-            from gem_jax.postprocess import resize_maps
-
             logits = resize_maps(logits, sc.image.shape[:2])
         h, a = localisation(logits, [m for _, m in sc.objects])
         hits += h

@@ -13,7 +13,13 @@ import json
 import sys
 import time
 
+from gem_jax.checkpoints import read_native
 from gem_jax.engine.methods import method_names
+from gem_jax.loading import Model, model_from_checkpoint
+from gem_jax.models import init_params
+from gem_jax.toy import model_path, scenes
+from gem_jax.toy import measures as ev
+from gem_jax.toy.measures import HELD_OUT, stored_defaults
 
 
 def method_options(method: str, defaults: dict, layers: int) -> dict:
@@ -30,17 +36,12 @@ def method_options(method: str, defaults: dict, layers: int) -> dict:
 
 def random_model(model, seed: int = 0):
     """A model of ``model``'s architecture and tokenizer with random weights."""
-    from gem_jax.models import init_params
-    from gem_jax.loading import Model
-
     return Model(model.config, init_params(model.config, seed=seed), model.tokenizer, "random", random_weights=True)
 
 
 def measure(model, defaults: dict, seeds, methods=None) -> dict:
     """``{"trained": {method: result}, "random": {method: result}}`` on the scenes of ``seeds``
     (``methods``: default every registered method)."""
-    from gem_jax.toy import measures as ev
-    from gem_jax.toy import scenes
 
     methods = method_names() if methods is None else methods
     size = defaults.get("size", model.config.vision.image_size)
@@ -70,11 +71,6 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from gem_jax.checkpoints import read_native
-    from gem_jax.loading import model_from_checkpoint
-    from gem_jax.toy import model_path
-    from gem_jax.toy.measures import HELD_OUT, stored_defaults
-
     p = argparse.ArgumentParser(prog="python -m gem_jax.toy.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a toy model directory (default: the shipped one)")
     p.add_argument("--scenes", type=int, default=len(HELD_OUT), help="held-out scenes (seeds 0..N-1; default 200)")

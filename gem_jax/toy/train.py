@@ -28,8 +28,18 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
+from gem_jax import files
+from gem_jax.checkpoints import save_native
+from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
+from gem_jax.models import CLIP
+from gem_jax.models.layers import l2_normalize
+from gem_jax.preprocess import normalize
+from gem_jax.progress import Progress
 from gem_jax.toy import scenes, vocab
 
 #: Training scenes use seeds from here on (``TRAIN_SEED_BASE + run_seed * 2**40 + index``),
@@ -85,8 +95,6 @@ class Recipe:
 
     def config(self):
         """The :class:`gem_jax.config.CLIPConfig` of the model."""
-        from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
-
         return CLIPConfig(
             vision=VisionConfig(image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width,
                                 layers=self.vision_layers, heads=self.vision_heads, activation=self.activation),
@@ -132,8 +140,6 @@ def training_caption(scene: scenes.Scene, rng: np.random.Generator, background_r
 
 def make_batch(recipe: Recipe, run_seed: int, step: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """The batch of ``step``: normalised pixels (B, S, S, 3) float32 and caption ids (B, L) int32."""
-    from gem_jax.preprocess import normalize
-
     b = recipe.batch_size
     images = np.empty((b, recipe.image_size, recipe.image_size, 3), np.uint8)
     texts = []
@@ -180,8 +186,6 @@ def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Itera
 
 
 def _decay_mask(params):
-    import jax
-
     def keep(path, leaf):
         names = {getattr(p, "key", None) for p in path}
         return leaf.ndim >= 2 and not names & {"positional_embedding", "class_embedding", "token_embedding"}
@@ -191,8 +195,6 @@ def _decay_mask(params):
 
 def optimizer(recipe: Recipe):
     """AdamW with linear warm-up and cosine decay, global-norm clipping."""
-    import optax
-
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, recipe.learning_rate, recipe.warmup_steps, max(recipe.steps, recipe.warmup_steps + 1),
         end_value=recipe.learning_rate * recipe.final_lr_ratio)
@@ -203,17 +205,10 @@ def optimizer(recipe: Recipe):
 
 def init_state(recipe: Recipe, seed: int) -> dict:
     """Step 0: random parameters of the recipe's model (``seed``), the logit scale, optimiser state."""
-    import jax
-
     return {**jax.jit(lambda: _init(recipe, seed))(), "step": 0}
 
 
 def _init(recipe: Recipe, seed: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from gem_jax.models import CLIP
-
     cfg = recipe.config()
     s = cfg.vision.image_size
     clip = CLIP(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, s, s, 3), jnp.float32),
@@ -224,10 +219,6 @@ def _init(recipe: Recipe, seed: int) -> dict:
 
 def contrastive_loss(image_emb, text_emb, log_scale):
     """CLIP's symmetric cross-entropy; ``log_scale`` is capped at log(100)."""
-    import jax.numpy as jnp
-    import optax
-
-    from gem_jax.models.layers import l2_normalize
 
     scale = jnp.exp(jnp.minimum(log_scale, math.log(100.0)))
     logits = scale * l2_normalize(image_emb) @ l2_normalize(text_emb).T
@@ -238,10 +229,6 @@ def contrastive_loss(image_emb, text_emb, log_scale):
 
 def train_step_fn(recipe: Recipe):
     """The jitted ``(params, opt_state, pixels, ids) -> (params, opt_state, loss)``."""
-    import jax
-    import optax
-
-    from gem_jax.models import CLIP
 
     model = CLIP(recipe.config())
     tx = optimizer(recipe)
@@ -278,9 +265,6 @@ def _identity(recipe: Recipe, seed: int) -> str:
 
 def save_state(path, state: dict, recipe: Recipe, seed: int, extra: dict | None = None) -> None:
     """Writes ``state`` atomically (all leaves as float arrays, in tree order)."""
-    import jax
-
-    from gem_jax import files
 
     leaves = jax.tree_util.tree_leaves({"params": state["params"], "opt": state["opt"]})
     arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
@@ -298,9 +282,6 @@ def save_state(path, state: dict, recipe: Recipe, seed: int, extra: dict | None 
 
 def load_state(path, recipe: Recipe, seed: int) -> tuple[dict, dict]:
     """The state saved at ``path`` and its extra record; :class:`StateError` if it is not this run's."""
-    import jax
-    import jax.numpy as jnp
-
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -319,8 +300,6 @@ def load_state(path, recipe: Recipe, seed: int) -> tuple[dict, dict]:
 
 
 def init_state_shapes(recipe: Recipe, seed: int):
-    import jax
-
     return jax.eval_shape(lambda: _init(recipe, seed))
 
 
@@ -376,14 +355,9 @@ def train(out, recipe: Recipe = RECIPE, seed: int = SEED, *, save_every: int = 2
     :class:`gem_jax.progress.Progress`, or whether to show one. ``stop_after`` stops
     (saving the state) after that many steps of this call, for tests.
     """
-    import jax
-
-    from gem_jax.checkpoints import save_native
 
     out = pathlib.Path(out)
     spath = state_path(out)
-    from gem_jax import files
-    from gem_jax.progress import Progress
 
     if not isinstance(progress, Progress):
         progress = Progress("train-toy", quiet=not progress)

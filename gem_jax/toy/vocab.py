@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import pathlib
 
+from tokenizers import pre_tokenizers
+
+from gem_jax.tokenizer import Tokenizer
 from gem_jax.toy import scenes
 
 #: Token positions of the toy text tower: a start token, at most 14 caption tokens, the end token.
@@ -30,8 +33,6 @@ WORDS = tuple(dict.fromkeys(
 
 def _byte_symbols() -> list[str]:
     """The 256 byte symbols of byte-level BPE, in code-point order (as CLIP's vocabulary)."""
-    from tokenizers import pre_tokenizers
-
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
@@ -88,7 +89,5 @@ def write_tokenizer(directory, context_length: int = CONTEXT_LENGTH) -> pathlib.
 
 def tokenizer(context_length: int = CONTEXT_LENGTH):
     """A :class:`gem_jax.tokenizer.Tokenizer` of the toy vocabulary."""
-    from gem_jax.tokenizer import Tokenizer
-
     vocab, merges = build()
     return Tokenizer(vocab, merges, SOT, EOT, context_length)
