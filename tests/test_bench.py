@@ -89,11 +89,20 @@ def test_bench_usage_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_chunk_overrides_replace_the_automatic_schedule():
+def test_chunk_overrides_replace_the_automatic_schedule(monkeypatch):
     """``--head-chunk``/``--image-chunk`` replace only their field of the schedule chosen
-    for the input size (ViT-B/32 at 64 x 96 is 25 tokens: run whole by default)."""
+    for the input size (a six-block tiny CLIP at 32 x 48 is 25 tokens: run whole by default)."""
+    import dataclasses
+
+    from gem_jax.config import ARCHITECTURES
+    from tiny import TINY
+
+    six = TINY.replace(vision=dataclasses.replace(TINY.vision, layers=6))  # GEM's default blocks
+    monkeypatch.setitem(ARCHITECTURES, "Tiny-6", six)
+    monkeypatch.setattr("gem_jax.bench.model.matmul_peak", lambda *a, **k: 1.0)  # not what is tested here
+
     def schedule(**kw):
-        return bench.run("ViT-B-32", (64, 96), batches=(1,), prompts=(1,), rounds=1, progress=False, **kw)["schedule"]
+        return bench.run("Tiny-6", (32, 48), batches=(1,), prompts=(1,), rounds=1, progress=False, **kw)["schedule"]
 
     assert schedule() == {"head_chunk": None, "image_chunk": None}
     assert schedule(head_chunk=2) == {"head_chunk": 2, "image_chunk": None}

@@ -1,4 +1,10 @@
-"""The ``gem-jax`` command run as a user would: a subprocess, files on disk, exit codes."""
+"""The ``gem-jax`` command run as a user would: a subprocess, files on disk, exit codes.
+
+Where a case is about what the command decides rather than about the process (start-up,
+signals, the hub's offline switch, which ``huggingface_hub`` reads at import), it runs the
+same command line through ``gem_jax.cli.main`` in this process (:func:`run_here`), with the
+environment and working folder the subprocess would have: the same code path, without a
+new interpreter and JAX start-up per case."""
 
 from __future__ import annotations
 
@@ -28,6 +34,35 @@ def run(env, *args, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "gem_jax.cli", *map(str, args)], env=env["env"],
                           cwd=cwd or env["root"], capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_here(env, *args, cwd=None):
+    """:func:`run` in this process: ``(exit status, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from gem_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    keys = ("GEM_JAX_WEIGHTS", "GEM_JAX_COMPILE_CACHE")
+    saved = {k: os.environ.get(k) for k in keys}
+    here = os.getcwd()
+    try:
+        os.environ.update({k: env["env"][k] for k in keys})
+        os.chdir(cwd or env["root"])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return code, out.getvalue(), err.getvalue()
 
 
 def write_image(path, h=40, w=56, seed=0):
@@ -106,7 +141,8 @@ def test_bad_input_exit_codes_and_no_output(env, tmp_path, case):
         args += ["--size", "big"]
         expect_code, expect_msg = 2, "--size"
     out = tmp_path / "out"
-    code, stdout, err = run(env, *args, "--out", out)
+    # the hub's offline switch is read when huggingface_hub is imported: that case runs as its own process
+    code, stdout, err = (run if case == "offline" else run_here)(env, *args, "--out", out)
     assert code == expect_code, err
     assert expect_msg in err
     # one message (after the progress line of the model load); the offline one also spells out the download
@@ -123,17 +159,17 @@ def test_existing_output_is_not_overwritten_without_force(env, tmp_path):
     base = ["segment", img, "-p", "cat", "-p", "dog", "--model", env["model"], "--gem-layers", "1", "--size",
             "32", "--out", out]
     for force in ([], ["--force"]):  # never replaced: gem-jax did not write it
-        code, _, err = run(env, *base, *force)
+        code, _, err = run_here(env, *base, *force)
         assert code == 1 and "was not written by gem-jax" in err and "--force" not in err, err
         assert files(out) == ["a__gem__cat.png"] and (out / "a__gem__cat.png").read_bytes() == b"keep me"
     (out / "a__gem__cat.png").unlink()
-    assert run(env, *base)[0] == 0
-    code, _, err = run(env, *base)  # its own files: replaced only with --force
+    assert run_here(env, *base)[0] == 0
+    code, _, err = run_here(env, *base)  # its own files: replaced only with --force
     assert code == 1 and "exists" in err and "--force" in err, err
-    code, _, err = run(env, *base, "--force")
+    code, _, err = run_here(env, *base, "--force")
     assert code == 0, err
     # a second method writes beside the first instead of in its way
-    code, _, err = run(env, "segment", img, "-p", "cat", "--model", env["model"], "--method", "clearclip", "--size", "32",
+    code, _, err = run_here(env, "segment", img, "-p", "cat", "--model", env["model"], "--method", "clearclip", "--size", "32",
                        "--out", out)
     assert code == 0, err
     assert {"a__gem__cat.png", "a__clearclip__cat.png"} <= set(files(out))
