@@ -292,9 +292,7 @@ class Demo:
         names = [self.initial]
         for name in checkpoints.available_models():
             try:
-                entry = checkpoints.get_entry(name)
-                present = entry.package_dir().is_dir() if entry.packaged else checkpoints.is_converted(name)
-                if name != self.initial and present:
+                if name != self.initial and checkpoints.local_state(name) in ("converted", "packaged"):
                     names.append(name)
             except OSError:
                 continue

@@ -37,11 +37,9 @@ def example_image_path(model: str | None = None) -> pathlib.Path:
     """The bundled example image: "Chelsea the cat" (CC0), 451 x 300; or, for a model that
     ships inside the package with an example of its own (``toy``: a held-out scene,
     ``example.png`` beside its weights), that one."""
-    if model is not None:
-        name = checkpoints.canonical_name(model)
-        folder = checkpoints.get_entry(name).package_dir() if name is not None else None
-        if folder is not None and (folder / "example.png").is_file():
-            return folder / "example.png"
+    folder = checkpoints.packaged_dir(model)
+    if folder is not None and (folder / "example.png").is_file():
+        return folder / "example.png"
     return pathlib.Path(str(importlib.resources.files("gem_jax").joinpath("data", "example.jpg")))
 
 

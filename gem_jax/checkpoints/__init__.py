@@ -22,6 +22,7 @@ from gem_jax.checkpoints.registry import (
     available_models,
     canonical_name,
     get_entry,
+    packaged_dir,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "available_models",
     "canonical_name",
     "get_entry",
+    "packaged_dir",
     "is_converted",
     "local_dir",
     "local_state",

@@ -179,6 +179,13 @@ def get_entry(name: str) -> ModelEntry:
                             "(`gem-jax models` lists them; a local path or a Hugging Face repo id also works)")
 
 
+def packaged_dir(name: str | None):
+    """The folder of ``name`` if it is a registry model that ships inside gem-jax (``toy``),
+    else ``None``."""
+    canonical = canonical_name(name) if name else None
+    return get_entry(canonical).package_dir() if canonical is not None else None
+
+
 def suggestion(name: str) -> str:
     """``"; did you mean 'X'?"`` for the closest registry name, or ``""``."""
     close = difflib.get_close_matches(name, MODELS, n=1, cutoff=0.5)

@@ -137,9 +137,8 @@ def peek_model(name: str | None) -> tuple[int | None, dict]:
     (registry names, native directories); (None, {}) otherwise."""
     try:
         path = pathlib.Path(name).expanduser() if name else None
-        if name and (path is None or not path.exists()) and checkpoints.canonical_name(name):
-            entry = checkpoints.get_entry(name)
-            path = entry.package_dir() or path
+        if name and not path.exists():
+            path = checkpoints.packaged_dir(name) or path
         if path is not None and path.is_dir() and (path / "config.json").is_file():
             doc = json.loads((path / "config.json").read_text(encoding="utf-8"))
             defaults = doc.get("defaults") if isinstance(doc.get("defaults"), dict) else {}

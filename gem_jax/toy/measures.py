@@ -127,11 +127,6 @@ def stored_defaults(directory) -> dict:
     return dict(doc.get("defaults") or {})
 
 
-def model_defaults(model) -> dict:
-    """The GEM settings a model carries (its ``defaults``, where the loader sets them), else {}."""
-    return dict(getattr(model, "defaults", None) or {})
-
-
 def evaluate(model, seeds: Sequence[int] = HELD_OUT, method: str = "gem", *, scenes=None,
              retrieval_too: bool = True, **gem_options) -> dict:
     """Pointing, AUROC and retrieval of ``method`` on the scenes of ``seeds``.
@@ -143,19 +138,15 @@ def evaluate(model, seeds: Sequence[int] = HELD_OUT, method: str = "gem", *, sce
       scenes: the scenes themselves, if already made (else made from ``seeds``).
       retrieval_too: also measure retrieval (the method does not change it).
       gem_options: keyword arguments of :class:`gem_jax.GEM` (``layers``, ``size``,
-        ``template``, ...); unset ones come from :func:`model_defaults`.
+        ``template``, ...); unset ones are the model's recommendation, as ``GEM`` applies it.
     Returns:
       ``{"method", "scenes", "objects", "pointing", "auroc", "text_to_image_top1",
-      "image_to_text_top1", "options"}`` (retrieval keys only with ``retrieval_too``).
+      "image_to_text_top1", "options"}`` (retrieval keys only with ``retrieval_too``;
+      ``options``: :meth:`gem_jax.GEM.describe` of what ran).
     """
-
     if scenes is None:
         scenes = scenes_lib.scenes(seeds)
-    options = {k: v for k, v in model_defaults(model).items() if k != "method"}
-    if method != "gem":  # GEM's own settings do not apply to its siblings
-        options = {k: v for k, v in options.items() if k in ("size", "template")}
-    options.update(gem_options)
-    gem = GEM(model, method=method, **options)
+    gem = GEM(model, method=method, **gem_options)
     images = [s.image for s in scenes]
     prompts = [s.phrases + [s.background] for s in scenes]
     out = gem.heatmaps(images, prompts)
@@ -168,7 +159,7 @@ def evaluate(model, seeds: Sequence[int] = HELD_OUT, method: str = "gem", *, sce
         hits += h
         aucs += a
     result = {"method": method, "scenes": len(scenes), "objects": len(hits), "pointing": float(np.mean(hits)),
-              "auroc": float(np.mean(aucs)), "options": {k: v for k, v in options.items()}}
+              "auroc": float(np.mean(aucs)), "options": gem.describe()}
     if retrieval_too:
         img = image_embeddings(model, np.stack(images))
         txt = text_embeddings(model, [s.caption for s in scenes])

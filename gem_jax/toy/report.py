@@ -19,7 +19,7 @@ from gem_jax.loading import Model, model_from_checkpoint
 from gem_jax.models import init_params
 from gem_jax.toy import model_path, scenes
 from gem_jax.toy import measures as ev
-from gem_jax.toy.measures import HELD_OUT, stored_defaults
+from gem_jax.toy.measures import HELD_OUT
 
 
 def method_options(method: str, defaults: dict, layers: int) -> dict:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     path = args.model or model_path()
     model = model_from_checkpoint(read_native(path), "toy")
-    defaults = stored_defaults(path)
+    defaults = dict(model.defaults)
     t0 = time.perf_counter()
     results = measure(model, defaults, range(args.scenes))
     print(table(results))
